@@ -1,0 +1,32 @@
+# Two entry points: `make run` (server on embedded defaults) and `make test` (whole suite).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test lint typecheck clean bench
+
+$(BIN)/courier: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+run: $(BIN)/courier
+	$(BIN)/courier migrate
+	$(BIN)/courier serve
+
+lint: $(BIN)/courier
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(BIN)/courier
+	$(BIN)/mypy
+
+test: $(BIN)/courier lint typecheck
+	$(BIN)/pytest -q
+
+bench: $(BIN)/courier
+	$(BIN)/python bench/fanout.py
+
+clean:
+	rm -rf $(VENV) courier.db courier.db-* .courier-dev.json .pytest_cache .mypy_cache .ruff_cache

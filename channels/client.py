@@ -1,0 +1,168 @@
+"""One device connection: a bounded send queue drained by the connection's own writer.
+
+Fan-out calls :meth:`Client.send`, which never awaits: it appends the already
+encoded frame to this connection's queue. A connection whose queue is full is a
+slow consumer and is closed with 4008; it resumes from the ledger when it
+reconnects, so closing it loses nothing and never delays other connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+from channels.disconnect import SLOW, Disconnect
+from channels.frames import Delivery
+
+log = logging.getLogger("courier.client")
+
+CLOSE_TIMEOUT = 5.0
+"""Seconds a closing connection may take to flush its close frame before it is dropped."""
+
+
+class Sink(Protocol):
+    """Where a connection's frames go: a Starlette ``WebSocket`` in production."""
+
+    async def send_text(self, data: str) -> None: ...
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None: ...
+
+
+SentHook = Callable[["Client", int, int], None]
+"""Called after a frame of an event is written: ``(client, seq, created_at_ms or 0)``."""
+
+
+class Client:
+    __slots__ = (
+        "_abort_timer",
+        "_on_sent",
+        "_queue",
+        "_sink",
+        "_tokens",
+        "_tokens_at",
+        "_wake",
+        "acked",
+        "catch_up_task",
+        "catching_up",
+        "closed",
+        "conn_id",
+        "connected_at",
+        "device",
+        "disconnect",
+        "max_queue",
+        "pending",
+        "pending_overflow",
+        "position",
+        "rate",
+        "rate_burst",
+        "sent_seq",
+        "user",
+        "writer_task",
+    )
+
+    def __init__(
+        self,
+        sink: Sink,
+        user: str,
+        device: str,
+        conn_id: str,
+        *,
+        max_queue: int,
+        on_sent: SentHook | None = None,
+        rate: float = 50.0,
+        rate_burst: int = 200,
+    ) -> None:
+        self._sink = sink
+        self.user = user
+        self.device = device
+        self.conn_id = conn_id
+        self.connected_at = time.time_ns() // 1_000_000
+        self.max_queue = max_queue
+        self._on_sent = on_sent
+        self._queue: deque[tuple[int, int, str]] = deque()
+        self._wake = asyncio.Event()
+        self._abort_timer: asyncio.TimerHandle | None = None
+        # Delivery position in the user's stream: every event with seq <= position
+        # that this device should get has been queued (or deliberately skipped).
+        self.position = 0
+        self.acked = 0
+        self.sent_seq = 0
+        # While catching up from the ledger, live deliveries wait in ``pending``.
+        self.catching_up = True
+        self.pending: list[Delivery] = []
+        self.pending_overflow = False
+        self.catch_up_task: asyncio.Task[None] | None = None
+        self.writer_task: asyncio.Task[None] | None = None
+        self.disconnect: Disconnect | None = None
+        self.closed = False
+        self.rate = rate
+        self.rate_burst = rate_burst
+        self._tokens = float(rate_burst)
+        self._tokens_at = time.monotonic()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def send(self, frame: str, seq: int = 0, created_at: int = 0) -> bool:
+        """Queue a frame without waiting. False if the connection is closing or just overflowed."""
+        if self.closed:
+            return False
+        if len(self._queue) >= self.max_queue:
+            self.close(SLOW)
+            return False
+        self._queue.append((seq, created_at, frame))
+        self._wake.set()
+        return True
+
+    def close(self, disconnect: Disconnect) -> None:
+        """Close with ``disconnect``: queued frames are dropped (the ledger has them)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.disconnect = disconnect
+        self._queue.clear()
+        self._wake.set()
+        self._abort_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._abort)
+
+    def _abort(self) -> None:
+        # The peer did not take even the close frame (it stopped reading): give up on it.
+        if self.writer_task is not None and not self.writer_task.done():
+            log.info("connection %s: peer stopped reading, dropping it", self.conn_id)
+            self.writer_task.cancel()
+
+    def allow_frame(self) -> bool:
+        """Token bucket for frames from the device (``rate`` per second, ``rate_burst`` at once)."""
+        now = time.monotonic()
+        self._tokens = min(self.rate_burst, self._tokens + (now - self._tokens_at) * self.rate)
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+    async def run_writer(self) -> None:
+        """Write queued frames in order until closed; then send the close frame."""
+        queue, sink = self._queue, self._sink
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while queue:
+                    seq, created_at, frame = queue.popleft()
+                    await sink.send_text(frame)
+                    if seq:
+                        self.sent_seq = seq
+                        if self._on_sent is not None:
+                            self._on_sent(self, seq, created_at)
+                if self.closed:
+                    break
+            assert self.disconnect is not None
+            await sink.close(self.disconnect.code, self.disconnect.reason)
+        finally:
+            if self._abort_timer is not None:
+                self._abort_timer.cancel()

@@ -1,0 +1,47 @@
+"""Acks, sent positions and last-seen times, buffered and written in one statement per flush."""
+
+from __future__ import annotations
+
+from models.ledger import Cursor
+
+
+class CursorBuffer:
+    """Latest cursor values per device since the last flush; merging keeps the maximum."""
+
+    def __init__(self) -> None:
+        self._moves: dict[tuple[str, str], list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._moves)
+
+    def _entry(self, user: str, device: str) -> list[int]:
+        entry = self._moves.get((user, device))
+        if entry is None:
+            entry = self._moves[(user, device)] = [0, 0, 0]
+        return entry
+
+    def ack(self, user: str, device: str, seq: int) -> None:
+        entry = self._entry(user, device)
+        if seq > entry[0]:
+            entry[0] = seq
+
+    def sent(self, user: str, device: str, seq: int) -> None:
+        entry = self._entry(user, device)
+        if seq > entry[1]:
+            entry[1] = seq
+
+    def seen(self, user: str, device: str, at: int) -> None:
+        entry = self._entry(user, device)
+        if at > entry[2]:
+            entry[2] = at
+
+    def take(self) -> list[Cursor]:
+        moves, self._moves = self._moves, {}
+        return [Cursor(u, d, a, s, t) for (u, d), (a, s, t) in moves.items()]
+
+    def restore(self, moves: list[Cursor]) -> None:
+        """Put back moves whose flush failed, merged with anything newer."""
+        for m in moves:
+            self.ack(m.user, m.device, m.acked)
+            self.sent(m.user, m.device, m.sent)
+            self.seen(m.user, m.device, m.seen)

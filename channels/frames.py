@@ -1,0 +1,135 @@
+"""Wire frames (device side) and bus messages (node side), encoded once each.
+
+An event's frame is encoded once at publish time; the bus carries it as a raw
+JSON value inside a small envelope, so a node decodes the envelope once and
+hands the very same frame text to every local connection.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import msgspec
+
+from models.ledger import StoredEvent
+
+PONG = '{"type":"pong"}'
+
+
+def iso_ms(ms: int) -> str:
+    seconds, millis = divmod(ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def event_frame(ev: StoredEvent) -> str:
+    """The ``event`` frame of PROTOCOL.md (plus ``device``, the target or null)."""
+    return msgspec.json.encode(
+        {
+            "type": "event",
+            "seq": ev.seq,
+            "id": ev.id,
+            "kind": ev.kind,
+            "data": msgspec.Raw(ev.data.encode()),
+            "created_at": iso_ms(ev.created_at),
+            "expires_at": None if ev.expires_at is None else iso_ms(ev.expires_at),
+            "device": ev.device,
+        }
+    ).decode()
+
+
+def hello_frame(user: str, device: str, after: int, heartbeat: float, node: str) -> str:
+    return msgspec.json.encode(
+        {
+            "type": "hello",
+            "user": user,
+            "device": device,
+            "after": after,
+            "heartbeat": heartbeat,
+            "node": node,
+        }
+    ).decode()
+
+
+def error_frame(code: str, message: str) -> str:
+    return msgspec.json.encode({"type": "error", "code": code, "message": message}).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One event as a node fans it out: routing fields plus the encoded frame."""
+
+    user: str
+    seq: int
+    device: str | None
+    expires_at: int | None
+    created_at: int
+    frame: str
+
+    @classmethod
+    def of(cls, ev: StoredEvent) -> Delivery:
+        return cls(ev.user, ev.seq, ev.device, ev.expires_at, ev.created_at, event_frame(ev))
+
+
+@dataclass(frozen=True, slots=True)
+class Replace:
+    """A device connected (on some node) as connection ``conn``; others of it must go."""
+
+    user: str
+    device: str
+    conn: str
+
+
+class _Bus(msgspec.Struct, frozen=True):
+    t: str
+    user: str
+    seq: int = 0
+    device: str | None = None
+    exp: int | None = None
+    ts: int = 0
+    conn: str = ""
+    frame: msgspec.Raw = msgspec.Raw(b"null")
+
+
+_bus_decoder = msgspec.json.Decoder(_Bus)
+
+
+def encode_delivery(d: Delivery) -> bytes:
+    return msgspec.json.encode(
+        {
+            "t": "event",
+            "user": d.user,
+            "seq": d.seq,
+            "device": d.device,
+            "exp": d.expires_at,
+            "ts": d.created_at,
+            "frame": msgspec.Raw(d.frame.encode()),
+        }
+    )
+
+
+def encode_replace(r: Replace) -> bytes:
+    return msgspec.json.encode({"t": "replace", "user": r.user, "device": r.device, "conn": r.conn})
+
+
+def decode_bus(payload: bytes) -> Delivery | Replace:
+    """Decode a bus message; raises ``ValueError`` for anything malformed."""
+    try:
+        m = _bus_decoder.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise ValueError(str(exc)) from exc
+    if m.t == "event":
+        return Delivery(m.user, m.seq, m.device, m.exp, m.ts, bytes(m.frame).decode())
+    if m.t == "replace" and m.device is not None:
+        return Replace(m.user, m.device, m.conn)
+    raise ValueError(f"unknown bus message type {m.t!r}")
+
+
+class InFrame(msgspec.Struct):
+    """A frame from a device: ``{"type": "ack", "seq": N}`` or ``{"type": "ping"}``."""
+
+    type: str
+    seq: int | None = None
+
+
+in_frame_decoder = msgspec.json.Decoder(InFrame)

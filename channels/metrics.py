@@ -1,0 +1,52 @@
+"""Prometheus metrics of one process, in a registry of its own (no global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.connections = Gauge("courier_connections", "Device connections open now", registry=r)
+        self.connects = Counter("courier_connects", "Device connections accepted", registry=r)
+        self.handshake_refusals = Counter(
+            "courier_handshake_refusals", "Handshakes refused", ["reason"], registry=r
+        )
+        self.disconnects = Counter(
+            "courier_disconnects", "Device connections closed, by close code", ["code"], registry=r
+        )
+        self.events_published = Counter(
+            "courier_events_published", "Events recorded in the ledger", registry=r
+        )
+        self.events_duplicate = Counter(
+            "courier_events_duplicate", "Publishes answered as duplicates", registry=r
+        )
+        self.frames_delivered = Counter(
+            "courier_frames_delivered", "Event frames written to devices", registry=r
+        )
+        self.acks = Counter("courier_acks", "Acks that moved a device cursor", registry=r)
+        self.bad_frames = Counter("courier_bad_frames", "Frames from devices refused", registry=r)
+        self.latency = Histogram(
+            "courier_delivery_latency_seconds",
+            "Publish (ledger commit) to frame written, live events only",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r,
+        )
+        self.slow_closes = Counter(
+            "courier_slow_consumer_closes", "Connections closed with 4008", registry=r
+        )
+        self.broker_reconnects = Counter(
+            "courier_broker_reconnects", "Reconnections of the fan-out bus", registry=r
+        )
+        self.catch_ups = Counter(
+            "courier_catch_ups", "Ledger reads to bring a connection up to date", registry=r
+        )
+        self.ingest_lag = Gauge(
+            "courier_ingest_lag", "Entries of the ingest stream not yet recorded", registry=r
+        )
+        self.cursor_flush_failures = Counter(
+            "courier_cursor_flush_failures",
+            "Cursor flushes that failed and were retried",
+            registry=r,
+        )

@@ -1,0 +1,491 @@
+"""A node joins the hub (local connections), the broker (other nodes) and the ledger.
+
+The path of one event:
+
+1. ``publish``: the ledger records the batch (durable, idempotent, ``seq`` per user),
+   then each new event is encoded once and published on its user's channel.
+2. ``_on_message``: every node subscribed to that user decodes the envelope once
+   and offers the same frame to each local connection of the user.
+3. ``_deliver``: a connection takes the event if it is the next one of its user's
+   stream; an older one is a duplicate and dropped; a newer one means the bus
+   lost something, so the connection catches up from the ledger.
+
+A connection subscribes *before* it reads its backfill, buffering live events
+meanwhile, so there is neither a gap nor a duplicate between backfill and live.
+A reconcile loop compares each user's ledger head with what connections have
+been given, so even an event whose bus message was lost at the tail of a
+stream reaches connected devices within ``reconcile_seconds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from channels.broker import Broker, user_channel
+from channels.client import Client
+from channels.cursors import CursorBuffer
+from channels.disconnect import REPLACED, RESTART, Disconnect
+from channels.frames import (
+    Delivery,
+    Replace,
+    decode_bus,
+    encode_delivery,
+    encode_replace,
+    error_frame,
+    event_frame,
+    hello_frame,
+)
+from channels.hub import Hub
+from channels.metrics import Metrics
+from models.ledger import Ledger, LedgerUnavailable, NewEvent, Recorded, now_ms
+
+log = logging.getLogger("courier.node")
+
+MAX_PENDING = 10_000
+"""Live events buffered per connection while it catches up; past this it re-reads the ledger."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    node_id: str
+    send_queue_size: int = 1024
+    backfill_page: int = 500
+    heartbeat_seconds: float = 25.0
+    ack_flush_seconds: float = 0.05
+    reconcile_seconds: float = 5.0
+    retention_seconds: int = 24 * 3600
+    rate_limit_per_second: float = 50.0
+    rate_limit_burst: int = 200
+
+
+class _Subscription:
+    __slots__ = ("ready", "refs")
+
+    def __init__(self, ready: asyncio.Future[None]) -> None:
+        self.refs = 0
+        self.ready = ready
+
+
+class Node:
+    def __init__(
+        self, config: NodeConfig, ledger: Ledger, broker: Broker, metrics: Metrics
+    ) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.broker = broker
+        self.metrics = metrics
+        self.hub = Hub()
+        self.cursors = CursorBuffer()
+        self._subs: dict[str, _Subscription] = {}
+        self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._last_heads: dict[str, int] = {}
+        self._reconcile_now = asyncio.Event()
+        self.draining = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.broker.start(self._on_message, self._on_reconnect)
+        self._loops = [
+            asyncio.create_task(self._supervise("cursor flush", self._flush_loop)),
+            asyncio.create_task(self._supervise("reconcile", self._reconcile_loop)),
+            asyncio.create_task(self._supervise("prune", self._prune_loop)),
+        ]
+
+    async def stop(self) -> None:
+        """Stop background loops, write the last cursors, release the bus."""
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self.flush_cursors(), 5.0)
+        except (LedgerUnavailable, TimeoutError) as exc:
+            log.error("shutdown: could not write %d device cursors: %s", len(self.cursors), exc)
+        await self.broker.close()
+
+    async def drain(
+        self, disconnect: Disconnect = RESTART, batch: int = 500, seconds: float = 10.0
+    ) -> None:
+        """Close every connection with ``disconnect``, ``batch`` at a time, within ``seconds``.
+
+        Batches are spread over the time budget so reconnecting phones spread over
+        the other nodes instead of arriving as one herd.
+        """
+        self.draining = True
+        clients = list(self.hub.all())
+        if not clients:
+            return
+        rounds = (len(clients) + batch - 1) // batch
+        pause = min(1.0, seconds / 2 / rounds) if rounds > 1 else 0.0
+        log.info("draining %d connections in %d batches", len(clients), rounds)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        for i in range(0, len(clients), batch):
+            for client in clients[i : i + batch]:
+                client.close(disconnect)
+            if pause and i + batch < len(clients):
+                await asyncio.sleep(pause)
+        writers = [c.writer_task for c in clients if c.writer_task is not None]
+        if writers:
+            await asyncio.wait(writers, timeout=max(0.1, deadline - loop.time()))
+        await self.flush_cursors_quietly()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _supervise(self, name: str, loop_fn: Any) -> None:
+        """Run a background loop forever: log and restart it if it fails."""
+        while True:
+            try:
+                await loop_fn()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background loop %r failed; restarting in 1s", name)
+                await asyncio.sleep(1.0)
+
+    # -- connections ------------------------------------------------------------------------
+
+    def new_client(self, sink: Any, user: str, device: str) -> Client:
+        return Client(
+            sink,
+            user,
+            device,
+            f"{self.config.node_id}:{next(self._ids)}",
+            max_queue=self.config.send_queue_size,
+            on_sent=self._on_sent,
+            rate=self.config.rate_limit_per_second,
+            rate_burst=self.config.rate_limit_burst,
+        )
+
+    async def connect(self, client: Client, after: int | None) -> int:
+        """Register, subscribe, then start the backfill; answers the resume position.
+
+        Raises ``LedgerUnavailable`` (nothing left registered) if the ledger is down.
+        """
+        previous = self.hub.add(client)
+        if previous is not None:
+            previous.close(REPLACED)
+        try:
+            await self._acquire(client.user)
+        except BaseException:
+            self.hub.remove(client)
+            raise
+        try:
+            acked = await self.ledger.touch_device(client.user, client.device)
+        except BaseException:
+            self._leave(client)
+            raise
+        client.acked = acked
+        client.position = acked if after is None else after
+        client.send(
+            hello_frame(
+                client.user,
+                client.device,
+                client.position,
+                self.config.heartbeat_seconds,
+                self.config.node_id,
+            )
+        )
+        self.metrics.connects.inc()
+        self.metrics.connections.inc()
+        self._publish_soon(
+            user_channel(client.user),
+            encode_replace(Replace(client.user, client.device, _replace_key(client))),
+        )
+        self._ensure_catch_up(client)
+        return client.position
+
+    def disconnect(self, client: Client) -> None:
+        """Unregister a finished connection (idempotent)."""
+        if client.catch_up_task is not None:
+            client.catch_up_task.cancel()
+        if self._leave(client):
+            self.cursors.seen(client.user, client.device, now_ms())
+            self.metrics.connections.dec()
+
+    def _leave(self, client: Client) -> bool:
+        if not self.hub.remove(client):
+            return False
+        self._release(client.user)
+        return True
+
+    def ack(self, client: Client, seq: int) -> None:
+        """A cumulative ack from the device; acks beyond what it was given are clamped."""
+        if seq > client.position:
+            client.send(
+                error_frame(
+                    "bad_ack", f"ack {seq} is beyond the last event sent ({client.position})"
+                )
+            )
+            seq = client.position
+        if seq <= client.acked:
+            return
+        client.acked = seq
+        self.cursors.ack(client.user, client.device, seq)
+        self.metrics.acks.inc()
+
+    def _on_sent(self, client: Client, seq: int, created_at: int) -> None:
+        self.cursors.sent(client.user, client.device, seq)
+        self.metrics.frames_delivered.inc()
+        if created_at:
+            self.metrics.latency.observe(max(0, now_ms() - created_at) / 1000)
+
+    # -- subscriptions (reference-counted per user) -----------------------------------------
+
+    async def _acquire(self, user: str) -> None:
+        sub = self._subs.get(user)
+        if sub is None:
+            sub = self._subs[user] = _Subscription(asyncio.get_running_loop().create_future())
+            self._spawn(self._subscribe(user, sub))
+        sub.refs += 1
+        try:
+            await asyncio.shield(sub.ready)
+        except BaseException:
+            self._release(user)
+            raise
+
+    async def _subscribe(self, user: str, sub: _Subscription) -> None:
+        try:
+            await self.broker.subscribe([user_channel(user)])
+        except Exception as exc:
+            if self._subs.get(user) is sub:  # roll back: the next connection tries again
+                del self._subs[user]
+            sub.ready.set_exception(exc)
+        else:
+            sub.ready.set_result(None)
+
+    def _release(self, user: str) -> None:
+        sub = self._subs.get(user)
+        if sub is None:
+            return
+        sub.refs -= 1
+        if sub.refs > 0:
+            return
+        del self._subs[user]
+        if sub.ready.done() and sub.ready.exception() is None:
+            self._spawn(self._unsubscribe(user))
+
+    async def _unsubscribe(self, user: str) -> None:
+        if user in self._subs:  # someone connected again meanwhile
+            return
+        try:
+            await self.broker.unsubscribe([user_channel(user)])
+        except Exception as exc:
+            log.warning("unsubscribe %s failed (harmless; messages are filtered): %s", user, exc)
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    async def publish(self, batch: Sequence[NewEvent]) -> list[Recorded]:
+        """Record ``batch`` durably, then fan the new events out. Raises ``LedgerUnavailable``."""
+        answers = await self.ledger.record(batch)
+        messages = []
+        for a in answers:
+            if a.event is not None:
+                messages.append((user_channel(a.user), encode_delivery(Delivery.of(a.event))))
+        self.metrics.events_published.inc(len(messages))
+        self.metrics.events_duplicate.inc(len(answers) - len(messages))
+        if messages:
+            try:
+                await self.broker.publish_many(messages)
+            except Exception as exc:
+                # Durable already: connected devices get these from the ledger on the
+                # next event of their user or the next reconcile round.
+                log.warning(
+                    "bus publish of %d events failed (recorded; will catch up): %s",
+                    len(messages),
+                    exc,
+                )
+        return answers
+
+    def _publish_soon(self, channel: str, payload: bytes) -> None:
+        async def send() -> None:
+            try:
+                await self.broker.publish_many([(channel, payload)])
+            except Exception as exc:
+                log.warning("bus publish on %s failed: %s", channel, exc)
+
+        self._spawn(send())
+
+    # -- fan-out ------------------------------------------------------------------------------
+
+    def _on_message(self, channel: str, payload: bytes) -> None:
+        try:
+            message = decode_bus(payload)
+        except ValueError as exc:
+            log.error("dropping malformed bus message on %s: %s", channel, exc)
+            return
+        if isinstance(message, Replace):
+            self._on_replace(message)
+            return
+        now = now_ms()
+        for client in self.hub.clients(message.user):
+            self._deliver(client, message, now)
+
+    def _on_replace(self, r: Replace) -> None:
+        client = self.hub.device(r.user, r.device)
+        if client is not None and _replace_key(client) < r.conn:
+            client.close(REPLACED)
+
+    def _deliver(self, client: Client, d: Delivery, now: int) -> None:
+        if client.closed:
+            return
+        if client.catching_up:
+            if len(client.pending) < MAX_PENDING:
+                client.pending.append(d)
+            else:
+                client.pending_overflow = True
+            return
+        if d.seq <= client.position:
+            return  # already given (backfill or a repeated bus message)
+        if d.seq != client.position + 1:
+            # A hole in the user's stream: the bus lost a message. The ledger has it.
+            client.catching_up = True
+            client.pending.append(d)
+            self._ensure_catch_up(client)
+            return
+        client.position = d.seq
+        if (d.device is None or d.device == client.device) and (
+            d.expires_at is None or d.expires_at > now
+        ):
+            client.send(d.frame, d.seq, d.created_at)
+
+    def _ensure_catch_up(self, client: Client) -> None:
+        client.catching_up = True
+        task = client.catch_up_task
+        if task is None or task.done():
+            client.catch_up_task = self._spawn(self._catch_up(client))
+
+    async def _catch_up(self, client: Client) -> None:
+        """Send the ledger's events after ``client.position``, then the buffered live ones."""
+        backoff = 0.2
+        page = self.config.backfill_page
+        while not client.closed:
+            self.metrics.catch_ups.inc()
+            try:
+                rows, head = await self.ledger.backfill(
+                    client.user, client.device, client.position, page
+                )
+            except LedgerUnavailable as exc:
+                # Keep the connection: it catches up as soon as the ledger answers.
+                log.warning(
+                    "catch-up of %s/%s waits for the ledger: %s", client.user, client.device, exc
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.2
+            for ev in rows:
+                client.send(event_frame(ev), ev.seq)
+            if len(rows) == page:
+                client.position = rows[-1].seq
+                continue
+            client.position = max(client.position, head)
+            pending, client.pending = client.pending, []
+            overflow, client.pending_overflow = client.pending_overflow, False
+            client.catching_up = False
+            pending.sort(key=_seq)
+            now = now_ms()
+            for d in pending:
+                self._deliver(client, d, now)
+            if overflow:
+                client.catching_up = True
+            if not client.catching_up:
+                return
+
+    # -- background loops ---------------------------------------------------------------------
+
+    async def flush_cursors(self) -> None:
+        moves = self.cursors.take()
+        if not moves:
+            return
+        try:
+            await self.ledger.flush_cursors(moves)
+        except BaseException:
+            self.cursors.restore(moves)
+            raise
+
+    async def flush_cursors_quietly(self) -> None:
+        try:
+            await self.flush_cursors()
+        except LedgerUnavailable as exc:
+            self.metrics.cursor_flush_failures.inc()
+            log.warning(
+                "cursor flush failed, %d devices kept for retry: %s", len(self.cursors), exc
+            )
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.ack_flush_seconds)
+            await self.flush_cursors_quietly()
+
+    def _on_reconnect(self) -> None:
+        """The bus came back: messages may have been lost, so compare with the ledger now."""
+        self.metrics.broker_reconnects.inc()
+        self._last_heads = {}
+        self._reconcile_now.set()
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._reconcile_now.wait(), self.config.reconcile_seconds)
+                urgent = True
+            except TimeoutError:
+                urgent = False
+            self._reconcile_now.clear()
+            await self.reconcile(urgent)
+
+    async def reconcile(self, urgent: bool = False) -> None:
+        """Start a catch-up for every connection behind its user's ledger head.
+
+        Normally a connection must have been behind for a whole round (its live
+        message may simply be in flight); ``urgent`` (after a bus reconnect) acts at once.
+        """
+        users = self.hub.users()
+        if not users:
+            self._last_heads = {}
+            return
+        try:
+            heads = await self.ledger.heads(users)
+        except LedgerUnavailable as exc:
+            log.warning("reconcile skipped: %s", exc)
+            return
+        previous, self._last_heads = self._last_heads, heads
+        for user, head in heads.items():
+            due = head if urgent else min(head, previous.get(user, 0))
+            for client in self.hub.clients(user):
+                if not client.catching_up and not client.closed and client.position < due:
+                    self._ensure_catch_up(client)
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await asyncio.sleep(60.0)
+            try:
+                n = await self.ledger.prune(now_ms() - self.config.retention_seconds * 1000)
+            except LedgerUnavailable as exc:
+                log.warning("prune skipped: %s", exc)
+                continue
+            if n:
+                log.info("pruned %d events older than the retention period", n)
+
+
+def _seq(d: Delivery) -> int:
+    return d.seq
+
+
+def _replace_key(client: Client) -> str:
+    """Orders connections of one device consistently on every node: the newest wins."""
+    return f"{client.connected_at:015d}/{client.conn_id}"

@@ -1,0 +1,175 @@
+"""Publish events from backend code: ``Publisher`` (sync, e.g. a Flask view) and
+``AsyncPublisher`` (asyncio), over the HTTP API.
+
+Every event gets an ``id`` before its first attempt, so a retry after a timeout
+or a 503 can never record it twice: the server answers the retry as a duplicate
+with the first event's ``seq``.
+
+    from channels.publisher import Publisher
+    courier = Publisher("https://courier.example.com", api_key)
+    result = courier.publish("u1", "block.grabbed", {"block_id": "B9"}, id="grab-B9-u1")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+RETRY_STATUSES = frozenset({502, 503, 504})
+
+
+class PublishError(Exception):
+    """The server refused the event (``status`` 4xx) or could not be reached after retries."""
+
+    def __init__(self, message: str, status: int | None = None, body: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    id: str
+    seq: int
+    duplicate: bool
+
+
+def event(
+    user: str,
+    kind: str,
+    data: dict[str, Any] | None = None,
+    *,
+    id: str | None = None,
+    device: str | None = None,
+    ttl: int | None = None,
+    collapse: str | None = None,
+) -> dict[str, Any]:
+    """One event object as the API takes it, with an idempotency key."""
+    body: dict[str, Any] = {
+        "user": user,
+        "kind": kind,
+        "data": data or {},
+        "id": id or f"evt-{uuid.uuid4().hex}",
+    }
+    if device is not None:
+        body["device"] = device
+    if ttl is not None:
+        body["ttl"] = ttl
+    if collapse is not None:
+        body["collapse"] = collapse
+    return body
+
+
+def _results(response: httpx.Response, many: bool) -> list[PublishResult]:
+    try:
+        body = response.json()
+    except ValueError:
+        body = response.text
+    if response.status_code not in (200, 201):
+        message = body.get("error", {}).get("message") if isinstance(body, dict) else None
+        raise PublishError(
+            f"publish refused with HTTP {response.status_code}: {message or body}",
+            response.status_code,
+            body,
+        )
+    items = body if many else [body]
+    return [PublishResult(i["id"], i["seq"], i["duplicate"]) for i in items]
+
+
+def _backoff(attempt: int) -> float:
+    return float(min(5.0, 0.1 * 2**attempt) * (0.5 + random.random()))
+
+
+class Publisher:
+    """Synchronous publisher (thread-safe; one per process is enough)."""
+
+    def __init__(self, url: str, api_key: str, *, timeout: float = 5.0, retries: int = 4) -> None:
+        self._client = httpx.Client(
+            base_url=url.rstrip("/"),
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=timeout,
+        )
+        self.retries = retries
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def publish(
+        self, user: str, kind: str, data: dict[str, Any] | None = None, **options: Any
+    ) -> PublishResult:
+        return self._post(event(user, kind, data, **options), many=False)[0]
+
+    def publish_many(self, events: list[dict[str, Any]]) -> list[PublishResult]:
+        """Publish up to 1000 events (see :func:`event`) in one request."""
+        return self._post(
+            [dict(e, id=e.get("id") or f"evt-{uuid.uuid4().hex}") for e in events], many=True
+        )
+
+    def _post(self, body: Any, many: bool) -> list[PublishResult]:
+        for attempt in range(self.retries + 1):
+            try:
+                response = self._client.post("/v1/events", json=body)
+            except httpx.TransportError as exc:
+                if attempt == self.retries:
+                    raise PublishError(f"courier unreachable: {exc}") from exc
+            else:
+                if response.status_code not in RETRY_STATUSES or attempt == self.retries:
+                    return _results(response, many)
+            time.sleep(_backoff(attempt))
+        raise AssertionError("unreachable")
+
+
+class AsyncPublisher:
+    """Asyncio publisher; use ``async with`` or call :meth:`aclose`."""
+
+    def __init__(self, url: str, api_key: str, *, timeout: float = 5.0, retries: int = 4) -> None:
+        self._client = httpx.AsyncClient(
+            base_url=url.rstrip("/"),
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=timeout,
+        )
+        self.retries = retries
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> AsyncPublisher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def publish(
+        self, user: str, kind: str, data: dict[str, Any] | None = None, **options: Any
+    ) -> PublishResult:
+        return (await self._post(event(user, kind, data, **options), many=False))[0]
+
+    async def publish_many(self, events: list[dict[str, Any]]) -> list[PublishResult]:
+        return await self._post(
+            [dict(e, id=e.get("id") or f"evt-{uuid.uuid4().hex}") for e in events], many=True
+        )
+
+    async def _post(self, body: Any, many: bool) -> list[PublishResult]:
+        for attempt in range(self.retries + 1):
+            try:
+                response = await self._client.post("/v1/events", json=body)
+            except httpx.TransportError as exc:
+                if attempt == self.retries:
+                    raise PublishError(f"courier unreachable: {exc}") from exc
+            else:
+                if response.status_code not in RETRY_STATUSES or attempt == self.retries:
+                    return _results(response, many)
+            await asyncio.sleep(_backoff(attempt))
+        raise AssertionError("unreachable")

@@ -1,0 +1,524 @@
+"""The ledger: durable events and per-device cursors, on PostgreSQL or SQLite.
+
+Guarantees:
+
+* ``record`` is idempotent on the event ``id`` and atomic per batch: a batch is
+  either wholly durable (and answered) or not written at all.
+* ``seq`` is allocated by bumping the user's ``streams`` row inside the same
+  transaction, so a user's events commit in ``seq`` order and a user's ``seq``
+  values are contiguous except where a concurrent duplicate burned one.
+* Delivery state per device is two cursors (``acked_seq``, ``sent_seq``); they
+  only move forward and are written in one statement per flush for all devices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, func, or_, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from models.tables import devices, events, streams
+
+log = logging.getLogger("courier.ledger")
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+_CHUNK = 500  # rows per multi-row statement (well under both drivers' parameter limits)
+
+
+class LedgerUnavailable(Exception):
+    """The database could not be reached or did not answer; nothing was half-written."""
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """A validated event to record. ``data`` is already-encoded JSON object text."""
+
+    id: str
+    user: str
+    kind: str
+    data: str
+    device: str | None = None
+    ttl: int | None = None
+    collapse: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    user: str
+    seq: int
+    id: str
+    kind: str
+    data: str
+    created_at: int
+    device: str | None = None
+    expires_at: int | None = None
+    collapse: str | None = None
+    superseded_by: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """The answer for one published event. ``event`` is None for a duplicate."""
+
+    id: str
+    user: str
+    seq: int
+    duplicate: bool
+    event: StoredEvent | None
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """A forward move of one device's cursors (0 means: leave as is)."""
+
+    user: str
+    device: str
+    acked: int
+    sent: int
+    seen: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    user: str
+    device: str
+    acked_seq: int
+    sent_seq: int
+    created_at: int
+    last_seen: int
+
+
+_EVENT_COLUMNS = (
+    events.c.user_id,
+    events.c.seq,
+    events.c.id,
+    events.c.kind,
+    events.c.data,
+    events.c.created_at,
+    events.c.device_id,
+    events.c.expires_at,
+    events.c.collapse,
+    events.c.superseded_by,
+)
+
+
+def _stored(row: Any) -> StoredEvent:
+    return StoredEvent(*row)
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """An engine tuned for the backend: one writer connection for SQLite, a pool for PostgreSQL."""
+    if url.startswith("sqlite"):
+        engine = create_async_engine(
+            url, pool_size=1, max_overflow=0, pool_timeout=30, connect_args={"timeout": 30}
+        )
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_async_engine(
+        url,
+        pool_size=10,
+        max_overflow=10,
+        pool_timeout=5,
+        pool_pre_ping=True,
+        connect_args={"timeout": 5, "command_timeout": 15},
+    )
+
+
+class Ledger:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+
+    @classmethod
+    def from_url(cls, url: str) -> Ledger:
+        return cls(create_engine(url))
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[AsyncConnection]:
+        """One transaction; database faults become ``LedgerUnavailable``."""
+        try:
+            async with self.engine.begin() as conn:
+                yield conn
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+            raise LedgerUnavailable(_describe(exc)) from exc
+
+    def _insert(self) -> Any:
+        return postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+
+    async def ping(self) -> None:
+        async with self._tx() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def schema_revision(self) -> str | None:
+        async with self._tx() as conn:
+            try:
+                row = (await conn.execute(text("SELECT version_num FROM alembic_version"))).first()
+            except DBAPIError:
+                return None
+            return None if row is None else str(row[0])
+
+    # -- publishing -------------------------------------------------------------------------
+
+    async def record(self, batch: Sequence[NewEvent], now: int | None = None) -> list[Recorded]:
+        """Record a batch in one transaction; answers in the batch's order.
+
+        A repeated ``id`` (in the ledger already, or earlier in the same batch) is a
+        duplicate: it records nothing and answers with the first event's seq.
+        """
+        if not batch:
+            return []
+        now = now_ms() if now is None else now
+        for attempt in range(3):
+            try:
+                async with self._tx() as conn:
+                    return await self._record(conn, batch, now)
+            except LedgerUnavailable as exc:
+                # A deadlock between two batches that share ids is resolved by a retry.
+                if "deadlock" not in str(exc) or attempt == 2:
+                    raise
+                log.warning("ledger: deadlock recording a batch, retrying")
+        raise AssertionError("unreachable")
+
+    async def _record(
+        self, conn: AsyncConnection, batch: Sequence[NewEvent], now: int
+    ) -> list[Recorded]:
+        ids = list(dict.fromkeys(e.id for e in batch))
+        known = await self._lookup_ids(conn, ids)
+        fresh: dict[str, NewEvent] = {}
+        for e in batch:
+            if e.id not in known and e.id not in fresh:
+                fresh[e.id] = e
+
+        stored: dict[str, StoredEvent] = {}
+        if fresh:
+            counts = Counter(e.user for e in fresh.values())
+            heads = await self._allocate(conn, counts)
+            next_seq = {u: heads[u] - n + 1 for u, n in counts.items()}
+            rows = []
+            for e in fresh.values():
+                seq = next_seq[e.user]
+                next_seq[e.user] = seq + 1
+                ev = StoredEvent(
+                    user=e.user,
+                    seq=seq,
+                    id=e.id,
+                    kind=e.kind,
+                    data=e.data,
+                    created_at=now,
+                    device=e.device,
+                    expires_at=None if e.ttl is None else now + e.ttl * 1000,
+                    collapse=e.collapse,
+                )
+                stored[e.id] = ev
+                rows.append(
+                    {
+                        "user_id": ev.user,
+                        "seq": ev.seq,
+                        "id": ev.id,
+                        "device_id": ev.device,
+                        "kind": ev.kind,
+                        "data": ev.data,
+                        "created_at": ev.created_at,
+                        "expires_at": ev.expires_at,
+                        "collapse": ev.collapse,
+                    }
+                )
+            inserted: set[str] = set()
+            insert = self._insert()
+            for i in range(0, len(rows), _CHUNK):
+                stmt = (
+                    insert(events)
+                    .values(rows[i : i + _CHUNK])
+                    .on_conflict_do_nothing(index_elements=["id"])
+                    .returning(events.c.id)
+                )
+                inserted.update(r[0] for r in await conn.execute(stmt))
+            raced = [key for key in stored if key not in inserted]
+            if raced:  # a concurrent batch recorded the same id first: it wins
+                for key in raced:
+                    del stored[key]
+                known.update(await self._lookup_ids(conn, raced))
+            await self._supersede(conn, stored.values())
+
+        answers: list[Recorded] = []
+        first_in_batch: set[str] = set()
+        for e in batch:
+            mine = stored.get(e.id)
+            if mine is not None and e.id not in first_in_batch:
+                first_in_batch.add(e.id)
+                answers.append(Recorded(e.id, mine.user, mine.seq, False, mine))
+            elif mine is not None:
+                answers.append(Recorded(e.id, mine.user, mine.seq, True, None))
+            else:
+                user, seq = known[e.id]
+                answers.append(Recorded(e.id, user, seq, True, None))
+        return answers
+
+    async def _lookup_ids(
+        self, conn: AsyncConnection, ids: list[str]
+    ) -> dict[str, tuple[str, int]]:
+        found: dict[str, tuple[str, int]] = {}
+        for i in range(0, len(ids), _CHUNK):
+            stmt = select(events.c.id, events.c.user_id, events.c.seq).where(
+                events.c.id.in_(ids[i : i + _CHUNK])
+            )
+            for row in await conn.execute(stmt):
+                found[row[0]] = (row[1], row[2])
+        return found
+
+    async def _allocate(self, conn: AsyncConnection, counts: Counter[str]) -> dict[str, int]:
+        """Reserve ``counts[user]`` seqs per user; returns each user's new head.
+
+        Users are locked in sorted order so concurrent batches cannot deadlock here.
+        """
+        heads: dict[str, int] = {}
+        users = sorted(counts)
+        insert = self._insert()
+        for i in range(0, len(users), _CHUNK):
+            chunk = users[i : i + _CHUNK]
+            stmt = insert(streams).values([{"user_id": u, "last_seq": counts[u]} for u in chunk])
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["user_id"],
+                set_={"last_seq": streams.c.last_seq + stmt.excluded.last_seq},
+            ).returning(streams.c.user_id, streams.c.last_seq)
+            heads.update({r[0]: r[1] for r in await conn.execute(stmt)})
+        return heads
+
+    async def _supersede(self, conn: AsyncConnection, fresh: Iterable[StoredEvent]) -> None:
+        """Mark older undelivered-by-design events of the same collapse key as superseded.
+
+        The key is (user, target device, collapse): an event for one device never
+        hides an event meant for all of them.
+        """
+        newest: dict[tuple[str, str | None, str], int] = {}
+        for ev in fresh:
+            if ev.collapse is not None:
+                key = (ev.user, ev.device, ev.collapse)
+                newest[key] = max(newest.get(key, 0), ev.seq)
+        for (user, device, collapse), seq in newest.items():
+            target = (
+                events.c.device_id.is_(None) if device is None else events.c.device_id == device
+            )
+            await conn.execute(
+                update(events)
+                .where(
+                    events.c.user_id == user,
+                    events.c.collapse == collapse,
+                    target,
+                    events.c.seq < seq,
+                    events.c.superseded_by.is_(None),
+                )
+                .values(superseded_by=seq)
+            )
+
+    # -- delivery ---------------------------------------------------------------------------
+
+    async def backfill(
+        self, user: str, device: str, after: int, limit: int, now: int | None = None
+    ) -> tuple[list[StoredEvent], int]:
+        """Deliverable events of ``device`` with ``seq > after``, oldest first, and the head.
+
+        The head is read first: every event at or below it is committed, so a
+        caller that got fewer than ``limit`` rows has seen everything up to it.
+        """
+        now = now_ms() if now is None else now
+        async with self._tx() as conn:
+            head = (
+                await conn.execute(select(streams.c.last_seq).where(streams.c.user_id == user))
+            ).scalar()
+            if head is None or head <= after:
+                return [], max(head or 0, 0)
+            stmt = (
+                select(*_EVENT_COLUMNS)
+                .where(
+                    events.c.user_id == user,
+                    events.c.seq > after,
+                    events.c.seq <= head,
+                    or_(events.c.device_id.is_(None), events.c.device_id == device),
+                    or_(events.c.expires_at.is_(None), events.c.expires_at > now),
+                    events.c.superseded_by.is_(None),
+                )
+                .order_by(events.c.seq)
+                .limit(limit)
+            )
+            rows = [_stored(r) for r in await conn.execute(stmt)]
+        return rows, int(head)
+
+    async def heads(self, users: Sequence[str]) -> dict[str, int]:
+        """The current head seq of each user (users with no events are absent)."""
+        found: dict[str, int] = {}
+        async with self._tx() as conn:
+            for i in range(0, len(users), _CHUNK):
+                stmt = select(streams.c.user_id, streams.c.last_seq).where(
+                    streams.c.user_id.in_(users[i : i + _CHUNK])
+                )
+                found.update({r[0]: r[1] for r in await conn.execute(stmt)})
+        return found
+
+    async def touch_device(self, user: str, device: str, now: int | None = None) -> int:
+        """Register a connecting device (or refresh it); answers its acked cursor."""
+        now = now_ms() if now is None else now
+        insert = self._insert()
+        stmt = insert(devices).values(
+            user_id=user, device_id=device, acked_seq=0, sent_seq=0, created_at=now, last_seen=now
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["user_id", "device_id"], set_={"last_seen": now}
+        ).returning(devices.c.acked_seq)
+        async with self._tx() as conn:
+            return int((await conn.execute(stmt)).scalar_one())
+
+    async def flush_cursors(self, moves: Sequence[Cursor]) -> None:
+        """Move many devices' cursors forward in one statement (never backward)."""
+        if not moves:
+            return
+        async with self._tx() as conn:
+            if self.dialect == "postgresql":
+                await conn.execute(
+                    text(
+                        "UPDATE devices AS d SET"
+                        " acked_seq = GREATEST(d.acked_seq, v.acked),"
+                        " sent_seq = GREATEST(d.sent_seq, v.sent, v.acked),"
+                        " last_seen = GREATEST(d.last_seen, v.seen)"
+                        " FROM unnest(CAST(:users AS text[]), CAST(:devices AS text[]),"
+                        " CAST(:acked AS bigint[]), CAST(:sent AS bigint[]),"
+                        " CAST(:seen AS bigint[])) AS v(user_id, device_id, acked, sent, seen)"
+                        " WHERE d.user_id = v.user_id AND d.device_id = v.device_id"
+                    ),
+                    {
+                        "users": [m.user for m in moves],
+                        "devices": [m.device for m in moves],
+                        "acked": [m.acked for m in moves],
+                        "sent": [m.sent for m in moves],
+                        "seen": [m.seen for m in moves],
+                    },
+                )
+            else:
+                await conn.execute(
+                    text(
+                        "UPDATE devices SET acked_seq = max(acked_seq, :acked),"
+                        " sent_seq = max(sent_seq, :sent, :acked),"
+                        " last_seen = max(last_seen, :seen)"
+                        " WHERE user_id = :user AND device_id = :device"
+                    ),
+                    [
+                        {
+                            "user": m.user,
+                            "device": m.device,
+                            "acked": m.acked,
+                            "sent": m.sent,
+                            "seen": m.seen,
+                        }
+                        for m in moves
+                    ],
+                )
+
+    # -- state ------------------------------------------------------------------------------
+
+    async def get_event(self, event_id: str) -> StoredEvent | None:
+        async with self._tx() as conn:
+            row = (
+                await conn.execute(select(*_EVENT_COLUMNS).where(events.c.id == event_id))
+            ).first()
+        return None if row is None else _stored(row)
+
+    async def devices(self, user: str) -> list[DeviceState]:
+        stmt = (
+            select(
+                devices.c.user_id,
+                devices.c.device_id,
+                devices.c.acked_seq,
+                devices.c.sent_seq,
+                devices.c.created_at,
+                devices.c.last_seen,
+            )
+            .where(devices.c.user_id == user)
+            .order_by(devices.c.device_id)
+        )
+        async with self._tx() as conn:
+            return [DeviceState(*r) for r in await conn.execute(stmt)]
+
+    async def prune(self, before: int) -> int:
+        """Delete events created before ``before`` (ms); answers how many."""
+        async with self._tx() as conn:
+            result = await conn.execute(events.delete().where(events.c.created_at < before))
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    async def count_events(self) -> int:
+        async with self._tx() as conn:
+            return int((await conn.execute(select(func.count()).select_from(events))).scalar_one())
+
+
+def delivery_status(ev: StoredEvent, dev: DeviceState, now: int) -> str:
+    """``acked`` > ``sent`` > ``expired`` > ``superseded`` > ``pending`` for one device."""
+    if dev.acked_seq >= ev.seq:
+        return "acked"
+    if dev.sent_seq >= ev.seq:
+        return "sent"
+    if ev.expires_at is not None and ev.expires_at <= now:
+        return "expired"
+    if ev.superseded_by is not None:
+        return "superseded"
+    return "pending"
+
+
+def _describe(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    text_ = str(orig if orig is not None else exc).strip().splitlines()
+    return f"{type(orig or exc).__name__}: {text_[0] if text_ else ''}"
+
+
+def migrate(url: str, revision: str = "head") -> None:
+    """Bring the schema to ``revision`` with Alembic. Must not run inside an event loop."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(cfg, revision)
+
+
+def head_revision() -> str:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    assert head is not None
+    return head
+
+
+async def wait_for(coro: Any, seconds: float) -> Any:
+    """``asyncio.wait_for`` that reports a timeout as ``LedgerUnavailable``."""
+    try:
+        return await asyncio.wait_for(coro, seconds)
+    except TimeoutError as exc:
+        raise LedgerUnavailable(f"no answer within {seconds:g}s") from exc

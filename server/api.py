@@ -1,0 +1,235 @@
+"""The publisher API: publish events, read delivery state and device presence."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from channels.frames import iso_ms
+from models.ledger import LedgerUnavailable, NewEvent, delivery_status, now_ms
+from server.auth import IDENT, KIND
+from server.services import Limits, services_of
+
+_EVENT_FIELDS = frozenset({"user", "kind", "data", "id", "device", "ttl", "collapse"})
+MAX_ID = 200
+
+
+class InputError(Exception):
+    def __init__(self, field: str, message: str, code: str = "invalid", status: int = 422) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+        self.code = code
+        self.status = status
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if field is not None:
+        body["field"] = field
+    return JSONResponse({"error": body}, status_code=status)
+
+
+def unauthorized() -> JSONResponse:
+    return error_response(
+        401, "unauthorized", "a valid publisher key is required (Authorization: Bearer)"
+    )
+
+
+def unavailable(exc: Exception) -> JSONResponse:
+    return error_response(503, "ledger_unavailable", f"the ledger is unreachable: {exc}")
+
+
+def parse_event(obj: Any, path: str, limits: Limits) -> NewEvent:
+    """Validate one published event; ``InputError`` names the offending field."""
+    if not isinstance(obj, dict):
+        raise InputError(path or "$", "each event must be a JSON object")
+    unknown = sorted(set(obj) - _EVENT_FIELDS)
+    if unknown:
+        raise InputError(f"{path}{unknown[0]}", f"unknown field {unknown[0]!r}")
+
+    def ident(name: str, required: bool) -> str | None:
+        value = obj.get(name)
+        if value is None and not required:
+            return None
+        if not isinstance(value, str) or not IDENT.fullmatch(value):
+            raise InputError(
+                f"{path}{name}",
+                f"{name} is required and must be 1-128 characters of [A-Za-z0-9_.:-]"
+                if required
+                else f"{name} must be null or 1-128 characters of [A-Za-z0-9_.:-]",
+            )
+        return value
+
+    user = ident("user", True)
+    assert user is not None
+    kind = obj.get("kind")
+    if not isinstance(kind, str) or not KIND.fullmatch(kind):
+        raise InputError(f"{path}kind", "kind is required and must match [a-z0-9_.-]{1,64}")
+    data = obj.get("data", {})
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError(f"{path}data", "data must be a JSON object")
+    encoded = msgspec.json.encode(data)
+    if len(encoded) > limits.max_data_bytes:
+        raise InputError(
+            f"{path}data",
+            f"data is {len(encoded)} bytes encoded; the limit is {limits.max_data_bytes}",
+            code="too_large",
+        )
+    event_id = obj.get("id")
+    if event_id is None:
+        event_id = "evt-" + uuid.uuid4().hex
+    elif not isinstance(event_id, str) or not 1 <= len(event_id) <= MAX_ID:
+        raise InputError(f"{path}id", f"id must be a string of 1-{MAX_ID} characters")
+    ttl = obj.get("ttl")
+    if ttl is not None and (
+        isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= limits.max_ttl
+    ):
+        raise InputError(
+            f"{path}ttl", f"ttl must be null or whole seconds from 1 to {limits.max_ttl}"
+        )
+    collapse = obj.get("collapse")
+    if collapse is not None and (not isinstance(collapse, str) or not 1 <= len(collapse) <= MAX_ID):
+        raise InputError(f"{path}collapse", f"collapse must be null or 1-{MAX_ID} characters")
+    return NewEvent(
+        id=event_id,
+        user=user,
+        kind=kind,
+        data=encoded.decode(),
+        device=ident("device", False),
+        ttl=ttl,
+        collapse=collapse,
+    )
+
+
+def parse_body(raw: bytes, limits: Limits) -> tuple[list[NewEvent], bool]:
+    """The events of a publish body and whether it was a list."""
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise InputError(
+            "$", f"the body is not valid JSON: {exc}", code="bad_json", status=400
+        ) from None
+    if isinstance(body, list):
+        if not body:
+            raise InputError("$", "the list of events is empty")
+        if len(body) > limits.max_batch:
+            raise InputError(
+                "$",
+                f"at most {limits.max_batch} events per request, got {len(body)}",
+                code="too_large",
+            )
+        return [parse_event(item, f"[{i}].", limits) for i, item in enumerate(body)], True
+    return [parse_event(body, "", limits)], False
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise InputError("$", f"the body is over {limit} bytes", code="too_large", status=413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise InputError("$", f"the body is over {limit} bytes", code="too_large", status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def publish(request: Request) -> Response:
+    svc = services_of(request)
+    if not svc.auth.is_publisher(request.headers.get("authorization")):
+        return unauthorized()
+    limits = svc.limits
+    try:
+        raw = await read_body(request, limits.max_batch * (limits.max_data_bytes + 2048) + 4096)
+        batch, is_list = parse_body(raw, limits)
+    except InputError as exc:
+        return error_response(exc.status, exc.code, exc.message, exc.field)
+    try:
+        answers = await svc.node.publish(batch)
+    except LedgerUnavailable as exc:
+        return unavailable(exc)
+    items = [{"id": a.id, "seq": a.seq, "duplicate": a.duplicate} for a in answers]
+    status = 200 if all(a.duplicate for a in answers) else 201
+    return JSONResponse(items if is_list else items[0], status_code=status)
+
+
+async def event_state(request: Request) -> Response:
+    svc = services_of(request)
+    if not svc.auth.is_publisher(request.headers.get("authorization")):
+        return unauthorized()
+    event_id = request.path_params["id"]
+    try:
+        ev = await svc.node.ledger.get_event(event_id)
+        if ev is None:
+            return error_response(404, "not_found", f"no event with id {event_id!r}", "id")
+        devices = await svc.node.ledger.devices(ev.user)
+    except LedgerUnavailable as exc:
+        return unavailable(exc)
+    now = now_ms()
+    return JSONResponse(
+        {
+            "id": ev.id,
+            "seq": ev.seq,
+            "user": ev.user,
+            "kind": ev.kind,
+            "data": msgspec.json.decode(ev.data),
+            "device": ev.device,
+            "created_at": iso_ms(ev.created_at),
+            "expires_at": None if ev.expires_at is None else iso_ms(ev.expires_at),
+            "collapse": ev.collapse,
+            "superseded_by": ev.superseded_by,
+            "deliveries": [
+                {"device": d.device, "status": delivery_status(ev, d, now)}
+                for d in devices
+                if ev.device is None or d.device == ev.device
+            ],
+        }
+    )
+
+
+async def user_devices(request: Request) -> Response:
+    svc = services_of(request)
+    if not svc.auth.is_publisher(request.headers.get("authorization")):
+        return unauthorized()
+    user = request.path_params["user"]
+    if not IDENT.fullmatch(user):
+        return error_response(
+            400, "invalid", "user must be 1-128 characters of [A-Za-z0-9_.:-]", "user"
+        )
+    try:
+        devices = await svc.node.ledger.devices(user)
+    except LedgerUnavailable as exc:
+        return unavailable(exc)
+    connected = await svc.presence.connected_devices(user)
+    return JSONResponse(
+        {
+            "user": user,
+            "devices": [
+                {
+                    "device": d.device,
+                    "connected": d.device in connected,
+                    "last_seen": iso_ms(d.last_seen),
+                    "acked_seq": d.acked_seq,
+                    "sent_seq": d.sent_seq,
+                }
+                for d in devices
+            ],
+        }
+    )
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/v1/events", publish, methods=["POST"]),
+        Route("/v1/events/{id:path}", event_state, methods=["GET"]),
+        Route("/v1/users/{user}/devices", user_devices, methods=["GET"]),
+    ]

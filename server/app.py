@@ -1,0 +1,122 @@
+"""The application factory: routes plus a lifespan that builds and closes ledger, broker, node."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+
+from channels.broker import Broker, MemoryBroker
+from channels.metrics import Metrics
+from channels.node import Node, NodeConfig
+from channels.presence import LocalPresence, Presence
+from models.ledger import Ledger, LedgerUnavailable, head_revision
+from server import api, ops, websocket
+from server.auth import Auth
+from server.drain import DrainOnTerm
+from server.services import Limits, Services
+from server.settings import Settings
+
+log = logging.getLogger("courier")
+
+
+class StartupError(RuntimeError):
+    """The server cannot start; the message says why and what to do."""
+
+
+def node_config(settings: Settings) -> NodeConfig:
+    return NodeConfig(
+        node_id=settings.node_id,
+        send_queue_size=settings.send_queue_size,
+        backfill_page=settings.backfill_page,
+        heartbeat_seconds=settings.heartbeat_seconds,
+        ack_flush_seconds=settings.ack_flush_seconds,
+        reconcile_seconds=settings.reconcile_seconds,
+        retention_seconds=settings.retention_seconds,
+        rate_limit_per_second=settings.rate_limit_per_second,
+        rate_limit_burst=settings.rate_limit_burst,
+    )
+
+
+async def check_schema(ledger: Ledger, url: str) -> None:
+    try:
+        current = await ledger.schema_revision()
+    except LedgerUnavailable as exc:
+        raise StartupError(f"cannot reach the ledger ({_safe(url)}): {exc}") from exc
+    wanted = head_revision()
+    if current != wanted:
+        raise StartupError(
+            f"the ledger schema is at revision {current or 'none'}, this server needs {wanted}:"
+            " run `courier migrate` first"
+        )
+
+
+def _safe(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def build_broker(settings: Settings) -> Broker:
+    if settings.redis_url is None:
+        return MemoryBroker()
+    from channels.redis import RedisBroker
+
+    return RedisBroker(settings.redis_url)
+
+
+def build_presence(settings: Settings, node: Node) -> Presence:
+    return LocalPresence(settings.node_id, node.hub)
+
+
+def create_app(settings: Settings) -> Starlette:
+    auth = Auth(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        ledger = Ledger.from_url(settings.database_url)
+        try:
+            await check_schema(ledger, settings.database_url)
+            metrics = Metrics()
+            node = Node(node_config(settings), ledger, build_broker(settings), metrics)
+            await node.start()
+        except BaseException:
+            await ledger.close()
+            raise
+        app.state.services = Services(
+            settings=settings,
+            auth=auth,
+            node=node,
+            presence=build_presence(settings, node),
+            metrics=metrics,
+            limits=Limits(settings.max_data_bytes, settings.max_batch, settings.retention_seconds),
+        )
+        drain = DrainOnTerm(node, settings.drain_batch, settings.drain_seconds)
+        drain.install()
+        if settings.dev_mode:
+            log.warning(
+                "DEV MODE: secrets are generated and kept in %s; in production set COURIER_ENV="
+                "production, COURIER_JWT_SECRET, COURIER_API_KEYS and COURIER_OPS_TOKEN",
+                settings.dev_file,
+            )
+        log.info(
+            "node %s ready (ledger %s, broker %s)",
+            settings.node_id,
+            _safe(settings.database_url),
+            "redis" if settings.redis_url else "in-process",
+        )
+        try:
+            yield
+        finally:
+            drain.uninstall()
+            await node.drain(seconds=min(settings.drain_seconds, 2.0))
+            await node.stop()
+            await ledger.close()
+            log.info("node %s stopped", settings.node_id)
+
+    return Starlette(
+        routes=[*websocket.routes(), *api.routes(), *ops.routes()],
+        lifespan=lifespan,
+    )

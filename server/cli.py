@@ -1,0 +1,281 @@
+"""``courier``: serve | migrate | token | publish | listen."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import sys
+from typing import Any
+
+from server.settings import Settings, SettingsError
+
+log = logging.getLogger("courier.cli")
+
+WS_IMPLEMENTATIONS = ("websockets-sansio", "websockets", "wsproto")
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        print(f"courier: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _base_url(settings: Settings, url: str | None) -> str:
+    return (url or os.environ.get("COURIER_URL") or f"http://127.0.0.1:{settings.port}").rstrip("/")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = _settings()
+    if args.workers > 1 and not settings.redis_url:
+        print(
+            "courier: --workers > 1 needs COURIER_REDIS_URL: without Redis each worker would be"
+            " its own island (events published to one would not reach devices on another)",
+            file=sys.stderr,
+        )
+        return 2
+    host = args.host or settings.host
+    port = args.port or settings.port
+    if settings.dev_mode:
+        _print_dev_banner(settings, host, port)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    config = uvicorn.Config(
+        "asgi:app",
+        host=host,
+        port=port,
+        workers=args.workers,
+        loop="uvloop",
+        http="httptools",
+        ws=args.ws,
+        ws_per_message_deflate=settings.ws_per_message_deflate,
+        ws_max_size=settings.max_frame_bytes,
+        ws_ping_interval=settings.heartbeat_seconds,
+        ws_ping_timeout=settings.heartbeat_seconds,
+        lifespan="on",
+        proxy_headers=True,
+        forwarded_allow_ips=os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1"),
+        backlog=4096,
+        timeout_graceful_shutdown=int(settings.drain_seconds) + 5,
+        log_level=args.log_level,
+        access_log=args.access_log,
+    )
+    server = uvicorn.Server(config)
+    if args.workers > 1:
+        from uvicorn.supervisors import Multiprocess
+
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+    else:
+        server.run()
+    return 0 if server.started or args.workers > 1 else 1
+
+
+def _print_dev_banner(settings: Settings, host: str, port: int) -> None:
+    key = settings.api_keys[0]
+    url = f"http://{host}:{port}"
+    print(
+        f"""
+  Courier is running in DEV MODE: secrets were generated and are kept in {settings.dev_file}
+  (in production set COURIER_JWT_SECRET, COURIER_API_KEYS, COURIER_OPS_TOKEN
+   and COURIER_ENV=production)
+
+    publisher key:  {key}
+    ops page:       {url}/ops?token={settings.ops_token}
+
+  In another terminal:
+    .venv/bin/courier token --user u1 --device phone1     # mint a device token
+    .venv/bin/courier listen --token <token>              # a device: prints and acks events
+    curl -X POST {url}/v1/events -H 'Authorization: Bearer {key}' \\
+         -H 'Content-Type: application/json' \\
+         -d '{{"user": "u1", "kind": "block.grabbed", "data": {{"block_id": "B9"}}}}'
+""",
+        flush=True,
+    )
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from models.ledger import migrate
+
+    settings = _settings()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        migrate(settings.database_url, args.revision)
+    except Exception as exc:
+        print(f"courier: migration failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"courier: ledger schema is at {args.revision}", file=sys.stderr)
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from server.auth import Auth, AuthError
+
+    settings = _settings()
+    try:
+        print(Auth(settings).mint_device_token(args.user, args.device, args.ttl))
+    except AuthError as exc:
+        print(f"courier: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from channels.publisher import Publisher, PublishError
+
+    settings = _settings()
+    try:
+        data = json.loads(args.data)
+    except ValueError as exc:
+        print(f"courier: --data is not JSON: {exc}", file=sys.stderr)
+        return 2
+    key = args.key or settings.api_keys[0]
+    with Publisher(_base_url(settings, args.url), key, retries=args.retries) as publisher:
+        try:
+            result = publisher.publish(
+                args.user,
+                args.kind,
+                data,
+                id=args.id,
+                device=args.device,
+                ttl=args.ttl,
+                collapse=args.collapse,
+            )
+        except PublishError as exc:
+            print(f"courier: {exc}", file=sys.stderr)
+            return 1
+    print(json.dumps({"id": result.id, "seq": result.seq, "duplicate": result.duplicate}))
+    return 0
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    settings = _settings()
+    url = _base_url(settings, args.url).replace("http://", "ws://").replace("https://", "wss://")
+    try:
+        return asyncio.run(listen(url, args.token, args.after, args.count))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def listen(url: str, token: str, after: int | None, count: int | None) -> int:
+    """A reference device: print events, ack each, reconnect with backoff and jitter."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+    last = after
+    received = 0
+    attempt = 0
+    while True:
+        query = f"?after={last}" if last is not None else ""
+        try:
+            async with connect(
+                f"{url}/v1/ws{query}", additional_headers={"Authorization": f"Bearer {token}"}
+            ) as ws:
+                attempt = 0
+                async for raw in ws:
+                    frame: dict[str, Any] = json.loads(raw)
+                    print(json.dumps(frame), flush=True)
+                    if frame.get("type") == "event":
+                        seq = int(frame["seq"])
+                        if last is None or seq > last:
+                            last = seq
+                        await ws.send(json.dumps({"type": "ack", "seq": seq}))
+                        received += 1
+                        if count is not None and received >= count:
+                            return 0
+        except InvalidStatus as exc:
+            print(
+                f"courier: connection refused: HTTP {exc.response.status_code} "
+                f"{exc.response.body.decode(errors='replace')}",
+                file=sys.stderr,
+            )
+            if exc.response.status_code in (400, 401, 403):
+                return 1
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd else 1006
+            print(f"courier: connection closed ({code})", file=sys.stderr)
+            if code in (4001, 4009):
+                return 1
+        except OSError as exc:
+            print(f"courier: cannot connect: {exc}", file=sys.stderr)
+        delay = min(30.0, 0.5 * 2**attempt) * random.uniform(0.5, 1.5)
+        attempt += 1
+        print(f"courier: reconnecting in {delay:.1f}s", file=sys.stderr)
+        await asyncio.sleep(delay)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="courier", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the server (uvicorn)")
+    p.add_argument("--host", default=None, help="listen address (COURIER_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="listen port (PORT / COURIER_PORT)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("WEB_CONCURRENCY", "1")),
+        help="worker processes (needs COURIER_REDIS_URL when > 1)",
+    )
+    p.add_argument(
+        "--ws",
+        choices=WS_IMPLEMENTATIONS,
+        default="websockets-sansio",
+        help="uvicorn WebSocket implementation (default measured fastest)",
+    )
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("COURIER_LOG_LEVEL", "info"),
+        choices=("critical", "error", "warning", "info", "debug"),
+    )
+    p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("migrate", help="bring the ledger schema up to date (Alembic)")
+    p.add_argument("--revision", default="head")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("token", help="mint a device token (needs the HS256 secret)")
+    p.add_argument("--user", required=True)
+    p.add_argument("--device", required=True)
+    p.add_argument("--ttl", type=int, default=24 * 3600, help="seconds (default one day)")
+    p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("publish", help="publish one event over the HTTP API")
+    p.add_argument("--user", required=True)
+    p.add_argument("--kind", required=True)
+    p.add_argument("--data", default="{}", help="JSON object")
+    p.add_argument("--id", default=None, help="idempotency key (default: generated)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--ttl", type=int, default=None)
+    p.add_argument("--collapse", default=None)
+    p.add_argument("--url", default=None, help="server URL (COURIER_URL, default local)")
+    p.add_argument("--key", default=None, help="publisher key (default: first of COURIER_API_KEYS)")
+    p.add_argument("--retries", type=int, default=4)
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("listen", help="connect as a device, print events and ack them")
+    p.add_argument("--token", required=True)
+    p.add_argument("--url", default=None, help="server URL (COURIER_URL, default local)")
+    p.add_argument("--after", type=int, default=None, help="resume after this seq")
+    p.add_argument("--count", type=int, default=None, help="exit after this many events")
+    p.set_defaults(func=cmd_listen)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""Health, readiness, Prometheus metrics, cluster stats and the live ops page."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from channels.broker import BrokerUnavailable
+from models.ledger import LedgerUnavailable
+from server.api import error_response
+from server.services import services_of
+
+READY_TIMEOUT = 2.0
+_OPS_PAGE = Path(__file__).with_name("ops.html")
+
+
+async def healthz(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+async def readyz(request: Request) -> Response:
+    svc = services_of(request)
+    problems: dict[str, str] = {}
+    try:
+        await asyncio.wait_for(svc.node.ledger.ping(), READY_TIMEOUT)
+    except (LedgerUnavailable, TimeoutError) as exc:
+        problems["ledger"] = str(exc) or f"no answer within {READY_TIMEOUT:g}s"
+    try:
+        await asyncio.wait_for(svc.node.broker.ping(), READY_TIMEOUT)
+    except (BrokerUnavailable, TimeoutError) as exc:
+        problems["broker"] = str(exc) or f"no answer within {READY_TIMEOUT:g}s"
+    if svc.node.draining:
+        problems["node"] = "draining"
+    if problems:
+        return JSONResponse({"ready": False, "problems": problems}, status_code=503)
+    return JSONResponse({"ready": True})
+
+
+async def metrics(request: Request) -> Response:
+    registry = services_of(request).metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _ops_allowed(request: Request) -> bool:
+    auth = services_of(request).auth
+    header = request.headers.get("authorization")
+    query = request.query_params.get("token")
+    return auth.is_ops(header) or (query is not None and auth.is_ops(f"Bearer {query}"))
+
+
+async def stats(request: Request) -> Response:
+    if not _ops_allowed(request):
+        return error_response(
+            401, "unauthorized", "the ops token is required (Authorization: Bearer)"
+        )
+    svc = services_of(request)
+    nodes = await svc.presence.nodes()
+    return JSONResponse(
+        {
+            "node": svc.settings.node_id,
+            "connections": len(svc.node.hub),
+            "users": len(svc.node.hub.users()),
+            "nodes": nodes,
+            "cluster_connections": sum(nodes.values()),
+        }
+    )
+
+
+async def ops_page(request: Request) -> Response:
+    if not _ops_allowed(request):
+        return error_response(401, "unauthorized", "open /ops?token=<ops token>")
+    return HTMLResponse(_OPS_PAGE.read_text())
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics),
+        Route("/v1/stats", stats),
+        Route("/ops", ops_page),
+    ]

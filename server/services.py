@@ -1,0 +1,37 @@
+"""The objects one app instance is built from, hung on ``app.state.services``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+from starlette.requests import HTTPConnection
+
+from channels.metrics import Metrics
+from channels.node import Node
+from channels.presence import Presence
+from server.auth import Auth
+from server.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Input limits of the publish API."""
+
+    max_data_bytes: int
+    max_batch: int
+    max_ttl: int
+
+
+@dataclass
+class Services:
+    settings: Settings
+    auth: Auth
+    node: Node
+    presence: Presence
+    metrics: Metrics
+    limits: Limits
+
+
+def services_of(conn: HTTPConnection) -> Services:
+    return cast(Services, conn.app.state.services)

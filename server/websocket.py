@@ -1,0 +1,143 @@
+"""``GET /v1/ws``: the device connection (handshake auth, resume, one reader and one writer)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import msgspec
+from starlette.responses import JSONResponse
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket
+
+from channels.broker import BrokerUnavailable
+from channels.client import Client
+from channels.disconnect import RATE_LIMITED, TOKEN_EXPIRED, TRY_AGAIN, Disconnect
+from channels.frames import PONG, error_frame, in_frame_decoder
+from channels.node import Node
+from models.ledger import LedgerUnavailable
+from server.auth import AuthError, bearer
+from server.services import services_of
+
+log = logging.getLogger("courier.ws")
+
+
+def _refusal(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def _parse_after(raw: str | None) -> int | None:
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or len(raw) > 18:
+        raise ValueError("after must be a non-negative whole number (a seq)")
+    return int(raw)
+
+
+async def device_socket(websocket: WebSocket) -> None:
+    svc = services_of(websocket)
+    node, metrics = svc.node, svc.metrics
+    header = bearer(websocket.headers.get("authorization"))
+    token = header.decode() if header else websocket.query_params.get("token")
+    try:
+        identity = svc.auth.verify_device_token(token)
+        after = _parse_after(websocket.query_params.get("after"))
+    except AuthError as exc:
+        metrics.handshake_refusals.labels(exc.code).inc()
+        await websocket.send_denial_response(_refusal(401, exc.code, exc.message))
+        return
+    except ValueError as exc:
+        metrics.handshake_refusals.labels("bad_after").inc()
+        await websocket.send_denial_response(_refusal(400, "bad_after", str(exc)))
+        return
+    if node.draining:
+        metrics.handshake_refusals.labels("draining").inc()
+        await websocket.send_denial_response(
+            _refusal(503, "draining", "this node is shutting down; connect again")
+        )
+        return
+
+    await websocket.accept()
+    client = node.new_client(websocket, identity.user, identity.device)
+    try:
+        await node.connect(client, after)
+    except (LedgerUnavailable, BrokerUnavailable) as exc:
+        log.warning("connection of %s/%s refused: %s", identity.user, identity.device, exc)
+        metrics.disconnects.labels(str(TRY_AGAIN.code)).inc()
+        await websocket.close(TRY_AGAIN.code, TRY_AGAIN.reason)
+        return
+
+    loop = asyncio.get_running_loop()
+    expiry = loop.call_later(
+        max(0.0, identity.expires_at - time.time()), client.close, TOKEN_EXPIRED
+    )
+    writer = client.writer_task = asyncio.create_task(client.run_writer())
+    reader = asyncio.create_task(_read(websocket, client, node))
+    peer_code: int | None = None
+    try:
+        done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+        if reader in done and not reader.cancelled() and reader.exception() is None:
+            peer_code = reader.result()
+        if peer_code is None and not writer.done():
+            # We are closing: let the writer flush the close frame (bounded by its abort timer).
+            await asyncio.wait({writer})
+    finally:
+        expiry.cancel()
+        for task in (reader, writer):
+            task.cancel()
+        await asyncio.gather(reader, writer, return_exceptions=True)
+        node.disconnect(client)
+        code = peer_code if peer_code is not None else _code(client.disconnect)
+        metrics.disconnects.labels(str(code)).inc()
+        if code == 4008:
+            metrics.slow_closes.inc()
+
+
+def _code(disconnect: Disconnect | None) -> int:
+    return 1006 if disconnect is None else disconnect.code
+
+
+async def _read(websocket: WebSocket, client: Client, node: Node) -> int | None:
+    """Handle frames from the device. Answers the peer's close code, or None if we closed."""
+    metrics = node.metrics
+    while not client.closed:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            code = int(message.get("code", 1005))
+            client.closed = True  # the peer is gone: nothing more to write
+            return code
+        if not client.allow_frame():
+            client.close(RATE_LIMITED)
+            return None
+        text = message.get("text")
+        if text is None:
+            metrics.bad_frames.inc()
+            client.send(error_frame("bad_frame", "binary frames are not accepted; send JSON text"))
+            continue
+        try:
+            frame = in_frame_decoder.decode(text)
+        except msgspec.ValidationError as exc:
+            metrics.bad_frames.inc()
+            client.send(error_frame("bad_frame", f"bad frame: {exc}"))
+            continue
+        except msgspec.DecodeError:
+            metrics.bad_frames.inc()
+            client.send(error_frame("bad_frame", "the frame is not valid JSON"))
+            continue
+        if frame.type == "ack":
+            if frame.seq is None or frame.seq < 0:
+                metrics.bad_frames.inc()
+                client.send(error_frame("bad_frame", "ack needs a non-negative integer seq"))
+                continue
+            node.ack(client, frame.seq)
+        elif frame.type == "ping":
+            client.send(PONG)
+        else:
+            metrics.bad_frames.inc()
+            client.send(error_frame("bad_frame", f"unknown frame type {frame.type!r}"))
+    return None
+
+
+def routes() -> list[WebSocketRoute]:
+    return [WebSocketRoute("/v1/ws", device_socket)]
