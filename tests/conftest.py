@@ -1,0 +1,123 @@
+"""Fixtures for the real services (PostgreSQL, Redis) and real server processes.
+
+Outside CI a missing service skips its tests with a loud reason; with CI=true a
+missing service fails them: the suite must never pass in CI without really
+using PostgreSQL and Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from models.ledger import Ledger, migrate
+from tests.harness import ServerProcess
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+PG_ADMIN_DSN = os.environ.get("COURIER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("COURIER_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def missing(service: str, why: BaseException) -> None:
+    message = f"{service} is not reachable ({type(why).__name__}: {why})"
+    if IN_CI:
+        pytest.fail(f"CI=true and {message}: real-service tests must not skip in CI")
+    pytest.skip(f"!!! SKIPPED: {message}; start it to run these tests")
+
+
+async def _pg_admin(sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for this test session."""
+    name = f"courier_test_{uuid.uuid4().hex[:10]}"
+    try:
+        asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        missing("PostgreSQL", exc)
+    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    url = f"{base}/{name}"
+    migrate(url)
+    yield url
+    asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("sqlite") / "ledger.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    migrate(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(REDIS_URL, socket_timeout=3)
+        client.ping()
+        client.close()
+    except Exception as exc:
+        missing("Redis", exc)
+    return REDIS_URL
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Each test that takes this runs on both ledgers (the contract suite)."""
+    return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+@pytest.fixture
+async def ledger(database_url: str) -> AsyncIterator[Ledger]:
+    ledger = Ledger.from_url(database_url)
+    yield ledger
+    await ledger.close()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """A real server process per module and ledger, shared by tests using unique users."""
+    if request.param == "sqlite":
+        workdir = tmp_path_factory.mktemp("server")
+        url = f"sqlite+aiosqlite:///{workdir / 'ledger.db'}"
+        migrate(url)
+    else:
+        url = request.getfixturevalue("postgres_url")
+        workdir = tmp_path_factory.mktemp("server")
+    proc = ServerProcess(url, workdir, env={"COURIER_RECONCILE_SECONDS": "0.5"}).start()
+    yield proc
+    assert_graceful_stop(proc)
+
+
+def assert_graceful_stop(proc: ServerProcess) -> None:
+    """SIGTERM, then: the server finished its shutdown and logged no traceback.
+
+    (uvicorn re-raises the signal after a graceful shutdown, so the exit status is -15.)
+    """
+    code = proc.stop()
+    log = proc.log()
+    assert code in (0, -15), f"server exited with {code}:\n{log}"
+    assert "Application shutdown complete" in log, log
+    assert "Traceback" not in log, log
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,263 @@
+"""Real parts for tests: a Courier server in its own process and WebSocket devices.
+
+Nothing here fakes the network: the server is ``python -m server.cli serve`` on a
+free loopback port, and devices are ``websockets`` clients over real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+from websockets.asyncio.client import ClientConnection, connect
+
+ROOT = Path(__file__).resolve().parent.parent
+JWT_SECRET = "test-secret-" + uuid.uuid4().hex
+API_KEY = "test-key-" + uuid.uuid4().hex
+OPS_TOKEN = "test-ops-" + uuid.uuid4().hex
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def unique(prefix: str = "u") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def token(
+    user: str, device: str, ttl: float = 3600, secret: str = JWT_SECRET, **claims: Any
+) -> str:
+    body: dict[str, Any] = {"sub": user, "did": device, "exp": int(time.time() + ttl)}
+    body.update(claims)
+    return jwt.encode(body, secret, algorithm="HS256")
+
+
+class ServerProcess:
+    """``courier serve`` in a subprocess, on its own port, logging to a file."""
+
+    def __init__(
+        self,
+        database_url: str,
+        workdir: Path,
+        redis_url: str | None = None,
+        env: dict[str, str] | None = None,
+        workers: int = 1,
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}"
+        self.workdir = workdir
+        self.workers = workers
+        self.log_path = workdir / f"server-{self.port}.log"
+        self.env = {
+            **os.environ,
+            "COURIER_ENV": "production",
+            "COURIER_DATABASE_URL": database_url,
+            "COURIER_JWT_SECRET": JWT_SECRET,
+            "COURIER_API_KEYS": API_KEY,
+            "COURIER_OPS_TOKEN": OPS_TOKEN,
+            "COURIER_DRAIN_SECONDS": "3",
+            "PYTHONUNBUFFERED": "1",
+            **({"COURIER_REDIS_URL": redis_url} if redis_url else {}),
+            **(env or {}),
+        }
+        self.env.pop("COURIER_PORT", None)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> ServerProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "server.cli",
+                "serve",
+                "--port",
+                str(self.port),
+                "--workers",
+                str(self.workers),
+                "--log-level",
+                "info",
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)  # polling a process that has no other readiness signal
+        self.kill()
+        raise RuntimeError(f"server not ready within {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    # -- HTTP helpers -------------------------------------------------------------------
+
+    async def post(
+        self,
+        body: Any,
+        key: str = API_KEY,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        async with httpx.AsyncClient(base_url=self.url, timeout=15) as http:
+            h = {"Authorization": f"Bearer {key}", **(headers or {})}
+            if raw is not None:
+                return await http.post("/v1/events", content=raw, headers=h)
+            return await http.post("/v1/events", json=body, headers=h)
+
+    async def publish(
+        self, user: str, kind: str = "block.grabbed", **fields: Any
+    ) -> dict[str, Any]:
+        response = await self.post({"user": user, "kind": kind, **fields})
+        assert response.status_code in (200, 201), response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def publish_many(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        response = await self.post(events)
+        assert response.status_code in (200, 201), response.text
+        result: list[dict[str, Any]] = response.json()
+        return result
+
+    async def get(self, path: str, key: str = API_KEY) -> httpx.Response:
+        async with httpx.AsyncClient(base_url=self.url, timeout=15) as http:
+            return await http.get(path, headers={"Authorization": f"Bearer {key}"})
+
+
+class Device:
+    """One phone: a WebSocket connection that reads frames and acks."""
+
+    def __init__(self, ws: ClientConnection, hello: dict[str, Any]) -> None:
+        self.ws = ws
+        self.hello = hello
+
+    @classmethod
+    async def connect(
+        cls,
+        server: ServerProcess,
+        user: str,
+        device: str,
+        after: int | None = None,
+        tok: str | None = None,
+        via_query: bool = False,
+        **kwargs: Any,
+    ) -> Device:
+        tok = tok or token(user, device)
+        params = []
+        if after is not None:
+            params.append(f"after={after}")
+        headers = {}
+        if via_query:
+            params.append(f"token={tok}")
+        else:
+            headers["Authorization"] = f"Bearer {tok}"
+        query = ("?" + "&".join(params)) if params else ""
+        ws = await connect(
+            f"{server.ws_url}/v1/ws{query}", additional_headers=headers, open_timeout=10, **kwargs
+        )
+        hello = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert hello["type"] == "hello", hello
+        return cls(ws, hello)
+
+    async def frame(self, timeout: float = 10.0) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        frame: dict[str, Any] = json.loads(raw)
+        return frame
+
+    async def event(self, timeout: float = 10.0) -> dict[str, Any]:
+        frame = await self.frame(timeout)
+        assert frame["type"] == "event", frame
+        return frame
+
+    async def events(self, n: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+        async def take() -> list[dict[str, Any]]:
+            return [await self.event(timeout) for _ in range(n)]
+
+        return await asyncio.wait_for(take(), timeout)
+
+    async def ack(self, seq: int) -> None:
+        await self.ws.send(json.dumps({"type": "ack", "seq": seq}))
+
+    async def send(self, frame: Any) -> None:
+        await self.ws.send(frame if isinstance(frame, (str, bytes)) else json.dumps(frame))
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+    async def closed_with(self, timeout: float = 15.0) -> int:
+        """Read (and drop) frames until the server closes; answers the close code."""
+        from websockets.exceptions import ConnectionClosed
+
+        async def until_closed() -> int:
+            try:
+                while True:
+                    await self.ws.recv()
+            except ConnectionClosed as exc:
+                return exc.rcvd.code if exc.rcvd else 1006
+
+        return await asyncio.wait_for(until_closed(), timeout)
+
+
+async def until(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> None:
+    """Poll an external state (a database row, an HTTP answer) that has no event to await."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
