@@ -35,6 +35,11 @@ class CursorBuffer:
         if at > entry[2]:
             entry[2] = at
 
+    def pending_ack(self, user: str, device: str) -> int:
+        """An ack not yet written (0 if none): a reconnect must not go behind it."""
+        entry = self._moves.get((user, device))
+        return 0 if entry is None else entry[0]
+
     def take(self) -> list[Cursor]:
         moves, self._moves = self._moves, {}
         return [Cursor(u, d, a, s, t) for (u, d), (a, s, t) in moves.items()]

@@ -189,7 +189,8 @@ class Node:
         except BaseException:
             self._leave(client)
             raise
-        client.acked = acked
+        # An ack still in the buffer (not flushed yet) counts: it was durable to the device.
+        client.acked = acked = max(acked, self.cursors.pending_ack(client.user, client.device))
         client.position = acked if after is None else after
         client.send(
             hello_frame(

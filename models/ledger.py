@@ -476,15 +476,24 @@ class Ledger:
 
 
 def delivery_status(ev: StoredEvent, dev: DeviceState, now: int) -> str:
-    """``acked`` > ``sent`` > ``expired`` > ``superseded`` > ``pending`` for one device."""
+    """One device's state of one event, derived from the device's cursors.
+
+    * ``acked``: the device's acked cursor is past the event (it processed it, or
+      caught up past it while it was expired or superseded);
+    * ``expired``: the event expired before the device acknowledged it;
+    * ``superseded``: a newer event of its collapse key replaced it before the device
+      acknowledged it;
+    * ``sent``: written to the device, not acknowledged yet;
+    * ``pending``: not written to the device yet (it is offline or catching up).
+    """
     if dev.acked_seq >= ev.seq:
         return "acked"
-    if dev.sent_seq >= ev.seq:
-        return "sent"
     if ev.expires_at is not None and ev.expires_at <= now:
         return "expired"
     if ev.superseded_by is not None:
         return "superseded"
+    if dev.sent_seq >= ev.seq:
+        return "sent"
     return "pending"
 
 

@@ -112,6 +112,8 @@ class Settings:
         """Resolve secrets: production requires them; development generates missing ones."""
         if self.jwt_secret and self.jwt_public_key:
             raise SettingsError("set only one of COURIER_JWT_SECRET and COURIER_JWT_PUBLIC_KEY")
+        if self.jwt_secret is not None and len(self.jwt_secret) < 32:
+            raise SettingsError("COURIER_JWT_SECRET must be at least 32 characters (HS256 key)")
         if self.jwt_public_key and "BEGIN PUBLIC KEY" not in self.jwt_public_key:
             raise SettingsError("COURIER_JWT_PUBLIC_KEY must be a PEM public key")
         has_token_key = bool(self.jwt_secret or self.jwt_public_key)

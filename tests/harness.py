@@ -172,7 +172,7 @@ class ServerProcess:
 
     async def get(self, path: str, key: str = API_KEY) -> httpx.Response:
         async with httpx.AsyncClient(base_url=self.url, timeout=15) as http:
-            return await http.get(path, headers={"Authorization": f"Bearer {key}"})
+            return await http.get(path, headers={"Authorization": f"Bearer {key}"} if key else {})
 
 
 class Device:
@@ -193,14 +193,14 @@ class Device:
         via_query: bool = False,
         **kwargs: Any,
     ) -> Device:
-        tok = tok or token(user, device)
+        tok = token(user, device) if tok is None else tok  # "" sends no token at all
         params = []
         if after is not None:
             params.append(f"after={after}")
         headers = {}
-        if via_query:
+        if via_query and tok:
             params.append(f"token={tok}")
-        else:
+        elif tok:
             headers["Authorization"] = f"Bearer {tok}"
         query = ("?" + "&".join(params)) if params else ""
         ws = await connect(

@@ -1,0 +1,112 @@
+"""Unit tests of one connection's queue and writer, the hub and the cursor buffer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import channels.client
+from channels.client import Client
+from channels.cursors import CursorBuffer
+from channels.disconnect import RESTART, SLOW
+from channels.hub import Hub
+from tests.fakes import Sink
+
+
+def make(
+    sink: Sink, max_queue: int = 4, user: str = "u", device: str = "d", conn: str = "n:1"
+) -> Client:
+    return Client(sink, user, device, conn, max_queue=max_queue)
+
+
+async def test_writer_sends_in_order_and_reports_sent_seq() -> None:
+    sink = Sink()
+    seen: list[int] = []
+    client = Client(
+        sink, "u", "d", "n:1", max_queue=10, on_sent=lambda c, seq, ts: seen.append(seq)
+    )
+    writer = asyncio.create_task(client.run_writer())
+    for seq in (1, 2, 3):
+        assert client.send(f"f{seq}", seq)
+    client.send("not-an-event")
+    client.close(RESTART)
+    await asyncio.wait_for(writer, 5)
+    # Closing drops what is still queued: only frames written before close count.
+    assert sink.closed == (1012, "service restart")
+    assert seen == [int(f[1:]) for f in sink.sent if f.startswith("f")]
+    assert client.sent_seq == (seen[-1] if seen else 0)
+
+
+async def test_full_queue_closes_with_4008_without_waiting_for_the_socket() -> None:
+    sink = Sink()
+    sink.open.clear()  # the phone stopped reading: the first send blocks forever
+    client = make(sink, max_queue=4)
+    writer = asyncio.create_task(client.run_writer())
+    assert client.send("f1", 1)
+    await asyncio.wait_for(sink.first_send.wait(), 5)  # the writer is now stuck in send
+    for seq in range(2, 6):
+        assert client.send(f"f{seq}", seq)  # fills the queue: never blocks the caller
+    assert client.queued == 4
+    assert not client.send("f6", 6)  # overflow
+    assert client.closed and client.disconnect is SLOW
+    assert client.queued == 0
+    assert not client.send("f7", 7)
+    sink.open.set()  # the phone reads again: it gets the close frame after what was in flight
+    await asyncio.wait_for(writer, 5)
+    assert sink.sent == ["f1"]
+    assert sink.closed == (4008, SLOW.reason)
+
+
+async def test_peer_that_never_reads_is_dropped_after_close_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(channels.client, "CLOSE_TIMEOUT", 0.05)
+    sink = Sink()
+    sink.open.clear()
+    client = make(sink)
+    client.writer_task = asyncio.create_task(client.run_writer())
+    client.send("f1", 1)
+    await asyncio.wait_for(sink.first_send.wait(), 5)
+    client.close(SLOW)
+    done, _ = await asyncio.wait({client.writer_task}, timeout=5)
+    assert client.writer_task in done and client.writer_task.cancelled()
+    assert sink.closed is None
+
+
+async def test_rate_limit_token_bucket() -> None:
+    client = Client(Sink(), "u", "d", "n:1", max_queue=1, rate=1.0, rate_burst=3)
+    assert [client.allow_frame() for _ in range(4)] == [True, True, True, False]
+
+
+async def test_hub_registry_and_device_replacement() -> None:
+    hub = Hub()
+    a1 = make(Sink(), user="a", device="p1", conn="n:1")
+    a2 = make(Sink(), user="a", device="p2", conn="n:2")
+    a1b = make(Sink(), user="a", device="p1", conn="n:3")
+    assert hub.add(a1) is None
+    assert hub.add(a2) is None
+    assert hub.add(a1b) is a1  # same device again: the older one is answered for closing
+    assert hub.device("a", "p1") is a1b
+    assert set(hub.clients("a")) == {a1, a2, a1b}
+    assert len(hub) == 3
+    assert hub.remove(a1)
+    assert hub.device("a", "p1") is a1b  # removing the replaced one keeps the new mapping
+    assert not hub.remove(a1)
+    assert hub.remove(a2) and hub.remove(a1b)
+    assert hub.users() == [] and len(hub) == 0
+    assert hub.clients("a") == ()
+
+
+def test_cursor_buffer_keeps_maxima_and_restores() -> None:
+    buf = CursorBuffer()
+    buf.ack("u", "d", 5)
+    buf.ack("u", "d", 3)
+    buf.sent("u", "d", 7)
+    buf.seen("u", "d", 100)
+    moves = buf.take()
+    assert [(m.acked, m.sent, m.seen) for m in moves] == [(5, 7, 100)]
+    assert len(buf) == 0
+    buf.ack("u", "d", 9)
+    buf.restore(moves)  # a failed flush is merged back, never moving a cursor backward
+    assert [(m.acked, m.sent, m.seen) for m in buf.take()] == [(9, 7, 100)]

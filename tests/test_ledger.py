@@ -1,0 +1,129 @@
+"""The ledger contract: the same tests on SQLite and on the real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+
+from models.ledger import Cursor, DeviceState, Ledger, NewEvent, delivery_status
+from tests.harness import unique
+
+
+def ev(user: str, id: str | None = None, **kw: object) -> NewEvent:
+    return NewEvent(id=id or unique("e"), user=user, kind="block.grabbed", data='{"n":1}', **kw)  # type: ignore[arg-type]
+
+
+async def test_seq_is_per_user_contiguous_and_in_batch_order(ledger: Ledger) -> None:
+    a, b = unique(), unique()
+    answers = await ledger.record([ev(a), ev(b), ev(a), ev(a), ev(b)])
+    assert [(r.user == a, r.seq) for r in answers] == [
+        (True, 1),
+        (False, 1),
+        (True, 2),
+        (True, 3),
+        (False, 2),
+    ]
+    more = await ledger.record([ev(a)])
+    assert more[0].seq == 4
+    assert (await ledger.heads([a, b, unique()])) == {a: 4, b: 2}
+
+
+async def test_idempotent_ids_in_ledger_and_in_batch(ledger: Ledger) -> None:
+    user = unique()
+    key = unique("grab")
+    first = await ledger.record([ev(user, key)])
+    assert not first[0].duplicate and first[0].event is not None
+    again = await ledger.record([ev(user, key), ev(user), ev(user, key)])
+    assert again[0].duplicate and again[0].seq == first[0].seq and again[0].event is None
+    assert not again[1].duplicate and again[1].seq == 2
+    assert again[2].duplicate and again[2].seq == first[0].seq
+    same_batch = await ledger.record([ev(user, "dup-" + key), ev(user, "dup-" + key)])
+    assert [r.duplicate for r in same_batch] == [False, True]
+    assert same_batch[0].seq == same_batch[1].seq == 3
+
+
+async def test_concurrent_batches_of_one_user_commit_in_seq_order(ledger: Ledger) -> None:
+    user = unique()
+    batches = [[ev(user) for _ in range(5)] for _ in range(8)]
+    results = await asyncio.gather(*(ledger.record(b) for b in batches))
+    seqs = sorted(r.seq for batch in results for r in batch)
+    assert seqs == list(range(1, 41))
+    rows, head = await ledger.backfill(user, "d", 0, 100)
+    assert head == 40 and [r.seq for r in rows] == list(range(1, 41))
+
+
+async def test_concurrent_duplicates_record_once(ledger: Ledger) -> None:
+    user, key = unique(), unique("k")
+    results = await asyncio.gather(*(ledger.record([ev(user, key)]) for _ in range(6)))
+    flat = [r for batch in results for r in batch]
+    assert sum(not r.duplicate for r in flat) == 1
+    assert len({r.seq for r in flat}) == 1
+
+
+async def test_backfill_filters_device_expiry_and_supersession(ledger: Ledger) -> None:
+    user = unique()
+    now = 1_000_000
+    await ledger.record(
+        [
+            ev(user, device="d1"),  # 1: for d1 only
+            ev(user, device="d2"),  # 2: for d2 only
+            ev(user, ttl=10),  # 3: expires at now + 10s
+            ev(user, collapse="plan"),  # 4: superseded by 6
+            ev(user, collapse="plan", device="d1"),  # 5: other target, not superseded by 6
+            ev(user, collapse="plan"),  # 6
+        ],
+        now=now,
+    )
+    rows, head = await ledger.backfill(user, "d1", 0, 100, now=now + 1)
+    assert head == 6
+    assert [r.seq for r in rows] == [1, 3, 5, 6]
+    rows, _ = await ledger.backfill(user, "d2", 0, 100, now=now + 20_000)
+    assert [r.seq for r in rows] == [2, 6]
+    rows, _ = await ledger.backfill(user, "d1", 3, 100, now=now)
+    assert [r.seq for r in rows] == [5, 6]
+    page, head = await ledger.backfill(user, "d1", 0, 2, now=now)
+    assert [r.seq for r in page] == [1, 3] and head == 6
+    assert await ledger.backfill(user, "d1", 6, 100) == ([], 6)
+    assert await ledger.backfill(unique(), "d1", 0, 100) == ([], 0)
+
+
+async def test_cursors_move_forward_only_in_one_flush(ledger: Ledger) -> None:
+    user = unique()
+    assert await ledger.touch_device(user, "d1", now=10) == 0
+    assert await ledger.touch_device(user, "d2", now=10) == 0
+    await ledger.flush_cursors([Cursor(user, "d1", 5, 7, 20), Cursor(user, "d2", 0, 3, 30)])
+    await ledger.flush_cursors([Cursor(user, "d1", 4, 6, 15)])  # older: ignored
+    devices = {d.device: d for d in await ledger.devices(user)}
+    assert (devices["d1"].acked_seq, devices["d1"].sent_seq, devices["d1"].last_seen) == (5, 7, 20)
+    assert (devices["d2"].acked_seq, devices["d2"].sent_seq) == (0, 3)
+    assert await ledger.touch_device(user, "d1", now=40) == 5  # reconnect answers the cursor
+
+
+async def test_delivery_status_per_device(ledger: Ledger) -> None:
+    user = unique()
+    recorded = await ledger.record(
+        [ev(user, collapse="p"), ev(user, ttl=1), ev(user, collapse="p")], now=1000
+    )
+    first = await ledger.get_event(recorded[0].id)
+    expiring = await ledger.get_event(recorded[1].id)
+    assert first is not None and first.superseded_by == 3 and expiring is not None
+
+    def dev(acked: int, sent: int) -> DeviceState:
+        return DeviceState(user, "d", acked, sent, 0, 0)
+
+    assert delivery_status(first, dev(1, 1), 2000) == "acked"
+    assert delivery_status(first, dev(0, 3), 2000) == "superseded"
+    assert delivery_status(first, dev(0, 0), 2000) == "superseded"
+    assert delivery_status(expiring, dev(0, 0), 1500) == "pending"
+    assert delivery_status(expiring, dev(0, 2), 1500) == "sent"
+    assert delivery_status(expiring, dev(0, 2), 2001) == "expired"
+    assert delivery_status(expiring, dev(2, 2), 2001) == "acked"
+    assert await ledger.get_event(unique()) is None
+
+
+async def test_prune_removes_only_old_events(ledger: Ledger) -> None:
+    user = unique()
+    await ledger.record([ev(user)], now=1)
+    await ledger.record([ev(user)], now=10**13)
+    assert await ledger.prune(before=2) >= 1
+    rows, head = await ledger.backfill(user, "d", 0, 10, now=1)
+    assert [r.seq for r in rows] == [2] and head == 2

@@ -1,0 +1,178 @@
+"""The node on a real ledger (SQLite and PostgreSQL) with the in-process bus.
+
+These tests reach into timing that real sockets cannot control: a bus message
+lost, a live event arriving in the middle of a backfill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Sequence
+
+import pytest
+
+from channels.broker import MemoryBroker
+from channels.client import Client
+from channels.metrics import Metrics
+from channels.node import Node, NodeConfig
+from models.ledger import Ledger, NewEvent
+from tests.fakes import Sink
+from tests.harness import unique
+
+
+class LossyBroker(MemoryBroker):
+    """Drops the publishes whose 1-based index is in ``lose`` (a lossy bus)."""
+
+    def __init__(self, lose: Iterable[int] = ()) -> None:
+        super().__init__()
+        self.lose = set(lose)
+        self.count = 0
+        self.fail_subscribe = False
+
+    async def subscribe(self, channels: Iterable[str]) -> None:
+        if self.fail_subscribe:
+            raise ConnectionError("bus down")
+        await super().subscribe(channels)
+
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        kept = []
+        for m in messages:
+            self.count += 1
+            if self.count not in self.lose:
+                kept.append(m)
+        await super().publish_many(kept)
+
+
+@pytest.fixture
+async def broker() -> LossyBroker:
+    return LossyBroker()
+
+
+@pytest.fixture
+async def node(ledger: Ledger, broker: LossyBroker) -> AsyncIterator[Node]:
+    n = Node(
+        NodeConfig(node_id="t", backfill_page=3, reconcile_seconds=3600), ledger, broker, Metrics()
+    )
+    await n.start()
+    yield n
+    await n.stop()
+
+
+def ev(user: str, device: str | None = None) -> NewEvent:
+    return NewEvent(id=unique("e"), user=user, kind="k", data="{}", device=device)
+
+
+async def connect(
+    node: Node, user: str, device: str = "d", after: int | None = None
+) -> tuple[Client, Sink]:
+    sink = Sink()
+    client = node.new_client(sink, user, device)
+    client.writer_task = asyncio.create_task(client.run_writer())
+    await node.connect(client, after)
+    return client, sink
+
+
+async def settled(client: Client, sink: Sink, n: int) -> list[int]:
+    """Wait for ``n`` events to be written and any catch-up to finish; answers their seqs."""
+    await sink.wait_events(n)
+    if client.catch_up_task is not None:
+        await asyncio.wait_for(asyncio.shield(client.catch_up_task), 5)
+    async with asyncio.timeout(5), sink.changed:
+        await sink.changed.wait_for(lambda: client.queued == 0)
+    assert not client.catching_up
+    return [e["seq"] for e in sink.events()]
+
+
+async def test_backfill_then_live_without_gap_or_duplicate(node: Node) -> None:
+    user = unique()
+    await node.publish([ev(user) for _ in range(7)])  # more than one backfill page (3)
+    client, sink = await connect(node, user)
+    # Live events published while the backfill is still being read are buffered, then merged.
+    await node.publish([ev(user), ev(user)])
+    assert await settled(client, sink, 9) == list(range(1, 10))
+    await node.publish([ev(user)])
+    assert await settled(client, sink, 10) == list(range(1, 11))
+    assert sink.frames()[0]["type"] == "hello"
+    node.disconnect(client)
+
+
+async def test_resume_after_and_acked_cursor(node: Node) -> None:
+    user = unique()
+    await node.publish([ev(user) for _ in range(5)])
+    client, sink = await connect(node, user, after=3)
+    assert await settled(client, sink, 2) == [4, 5]
+    node.ack(client, 5)
+    await node.flush_cursors()
+    node.disconnect(client)
+    again, sink2 = await connect(node, user)
+    assert await settled(again, sink2, 0) == []
+    assert sink2.frames()[0]["after"] == 5
+    node.disconnect(again)
+
+
+async def test_lost_bus_message_is_detected_by_the_next_one(
+    node: Node, broker: LossyBroker
+) -> None:
+    user = unique()
+    client, sink = await connect(node, user)
+    assert await settled(client, sink, 0) == []
+    broker.lose = {broker.count + 2}  # the second of the next three publishes vanishes
+    for _ in range(3):
+        await node.publish([ev(user)])
+    assert await settled(client, sink, 3) == [1, 2, 3]
+    node.disconnect(client)
+
+
+async def test_lost_last_message_is_recovered_by_reconcile(node: Node, broker: LossyBroker) -> None:
+    user = unique()
+    client, sink = await connect(node, user)
+    assert await settled(client, sink, 0) == []
+    broker.lose = {broker.count + 1}
+    await node.publish([ev(user)])
+    assert await settled(client, sink, 0) == []  # nothing told this node
+    await node.reconcile(urgent=True)
+    assert await settled(client, sink, 1) == [1]
+    node.disconnect(client)
+
+
+async def test_device_targeting_and_acks_clamped(node: Node) -> None:
+    user = unique()
+    c1, s1 = await connect(node, user, "d1")
+    c2, s2 = await connect(node, user, "d2")
+    await node.publish([ev(user, "d1"), ev(user, "d2"), ev(user)])
+    assert await settled(c1, s1, 2) == [1, 3]
+    assert await settled(c2, s2, 2) == [2, 3]
+    node.ack(c1, 99)
+    async with asyncio.timeout(5), s1.changed:
+        await s1.changed.wait_for(lambda: s1.frames()[-1].get("code") == "bad_ack")
+    assert c1.acked == 3
+    node.disconnect(c1)
+    node.disconnect(c2)
+
+
+async def test_second_connection_of_a_device_replaces_the_first(node: Node) -> None:
+    user = unique()
+    old, old_sink = await connect(node, user, "d1")
+    new, _ = await connect(node, user, "d1")
+    await asyncio.wait_for(old_sink.closed_event.wait(), 5)
+    assert old_sink.closed is not None and old_sink.closed[0] == 4009
+    assert not new.closed
+    node.disconnect(old)
+    assert node.hub.device(user, "d1") is new
+    node.disconnect(new)
+
+
+async def test_subscribe_failure_rolls_back(node: Node, broker: LossyBroker) -> None:
+    user = unique()
+    broker.fail_subscribe = True
+    client = node.new_client(Sink(), user, "d")
+    with pytest.raises(ConnectionError):
+        await node.connect(client, None)
+    assert len(node.hub) == 0
+    broker.fail_subscribe = False
+    client2, sink = await connect(node, user)  # the next connection subscribes afresh
+    await node.publish([ev(user)])
+    assert await settled(client2, sink, 1) == [1]
+    node.disconnect(client2)
+    await asyncio.sleep(0)  # let the unsubscribe task run
+    assert broker.channels == frozenset()
