@@ -35,10 +35,15 @@ class Sink(Protocol):
 SentHook = Callable[["Client", int, int], None]
 """Called after a frame of an event is written: ``(client, seq, created_at_ms or 0)``."""
 
+CloseHook = Callable[["Client", Disconnect], None]
+"""Called once when the server decides to close the connection."""
+
 
 class Client:
     __slots__ = (
         "_abort_timer",
+        "_drained",
+        "_on_close",
         "_on_sent",
         "_queue",
         "_sink",
@@ -73,6 +78,7 @@ class Client:
         *,
         max_queue: int,
         on_sent: SentHook | None = None,
+        on_close: CloseHook | None = None,
         rate: float = 50.0,
         rate_burst: int = 200,
     ) -> None:
@@ -83,8 +89,11 @@ class Client:
         self.connected_at = time.time_ns() // 1_000_000
         self.max_queue = max_queue
         self._on_sent = on_sent
+        self._on_close = on_close
         self._queue: deque[tuple[int, int, str]] = deque()
         self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
         self._abort_timer: asyncio.TimerHandle | None = None
         # Delivery position in the user's stream: every event with seq <= position
         # that this device should get has been queued (or deliberately skipped).
@@ -117,6 +126,7 @@ class Client:
             return False
         self._queue.append((seq, created_at, frame))
         self._wake.set()
+        self._drained.clear()
         return True
 
     def close(self, disconnect: Disconnect) -> None:
@@ -127,7 +137,18 @@ class Client:
         self.disconnect = disconnect
         self._queue.clear()
         self._wake.set()
+        self._drained.set()
         self._abort_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._abort)
+        if self._on_close is not None:
+            self._on_close(self, disconnect)
+
+    async def wait_drained(self) -> None:
+        """Wait until the writer has written everything queued (or the connection closed).
+
+        Catch-up uses this between backfill pages so that a long backlog flows at the
+        socket's pace instead of overflowing the queue.
+        """
+        await self._drained.wait()
 
     def _abort(self) -> None:
         # The peer did not take even the close frame (it stopped reading): give up on it.
@@ -159,6 +180,7 @@ class Client:
                         self.sent_seq = seq
                         if self._on_sent is not None:
                             self._on_sent(self, seq, created_at)
+                self._drained.set()
                 if self.closed:
                     break
             assert self.disconnect is not None

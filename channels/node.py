@@ -29,7 +29,7 @@ from typing import Any
 from channels.broker import Broker, user_channel
 from channels.client import Client
 from channels.cursors import CursorBuffer
-from channels.disconnect import REPLACED, RESTART, Disconnect
+from channels.disconnect import REPLACED, RESTART, SLOW, Disconnect
 from channels.frames import (
     Delivery,
     Replace,
@@ -167,6 +167,7 @@ class Node:
             f"{self.config.node_id}:{next(self._ids)}",
             max_queue=self.config.send_queue_size,
             on_sent=self._on_sent,
+            on_close=self._on_close,
             rate=self.config.rate_limit_per_second,
             rate_burst=self.config.rate_limit_burst,
         )
@@ -238,6 +239,17 @@ class Node:
         client.acked = seq
         self.cursors.ack(client.user, client.device, seq)
         self.metrics.acks.inc()
+
+    def _on_close(self, client: Client, disconnect: Disconnect) -> None:
+        if disconnect is SLOW:
+            self.metrics.slow_closes.inc()
+            log.info(
+                "connection %s (%s/%s) too slow: queue of %d overflowed, closing 4008",
+                client.conn_id,
+                client.user,
+                client.device,
+                client.max_queue,
+            )
 
     def _on_sent(self, client: Client, seq: int, created_at: int) -> None:
         self.cursors.sent(client.user, client.device, seq)
@@ -373,8 +385,11 @@ class Node:
     async def _catch_up(self, client: Client) -> None:
         """Send the ledger's events after ``client.position``, then the buffered live ones."""
         backoff = 0.2
-        page = self.config.backfill_page
+        page = max(1, min(self.config.backfill_page, self.config.send_queue_size // 2))
         while not client.closed:
+            if client.queued + page > client.max_queue:
+                await client.wait_drained()  # a long backlog flows at the socket's pace
+                continue
             self.metrics.catch_ups.inc()
             try:
                 rows, head = await self.ledger.backfill(

@@ -90,8 +90,6 @@ async def device_socket(websocket: WebSocket) -> None:
         node.disconnect(client)
         code = peer_code if peer_code is not None else _code(client.disconnect)
         metrics.disconnects.labels(str(code)).inc()
-        if code == 4008:
-            metrics.slow_closes.inc()
 
 
 def _code(disconnect: Disconnect | None) -> int:

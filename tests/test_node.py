@@ -176,3 +176,24 @@ async def test_subscribe_failure_rolls_back(node: Node, broker: LossyBroker) -> 
     node.disconnect(client2)
     await asyncio.sleep(0)  # let the unsubscribe task run
     assert broker.channels == frozenset()
+
+
+async def test_long_backlog_flows_through_a_small_queue(
+    ledger: Ledger, broker: LossyBroker
+) -> None:
+    small = Node(
+        NodeConfig(node_id="s", send_queue_size=8, backfill_page=500, reconcile_seconds=3600),
+        ledger,
+        broker,
+        Metrics(),
+    )
+    await small.start()
+    try:
+        user = unique()
+        await small.publish([ev(user) for _ in range(50)])
+        client, sink = await connect(small, user)
+        assert await settled(client, sink, 50) == list(range(1, 51))
+        assert not client.closed  # never overflowed: pages waited for the writer
+        small.disconnect(client)
+    finally:
+        await small.stop()
