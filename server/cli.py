@@ -43,6 +43,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     host = args.host or settings.host
     port = args.port or settings.port
+    problem = asyncio.run(_preflight(settings))
+    if problem:
+        print(f"courier: cannot start: {problem}", file=sys.stderr)
+        return 1
     if settings.dev_mode:
         _print_dev_banner(settings, host, port)
     logging.basicConfig(
@@ -77,6 +81,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         server.run()
     return 0 if server.started or args.workers > 1 else 1
+
+
+async def _preflight(settings: Settings) -> str | None:
+    """The ledger is reachable and migrated (the same check the app makes, without a traceback)."""
+    from models.ledger import Ledger
+    from server.app import StartupError, check_schema
+
+    ledger = Ledger.from_url(settings.database_url)
+    try:
+        await check_schema(ledger, settings.database_url)
+    except StartupError as exc:
+        return str(exc)
+    finally:
+        await ledger.close()
+    return None
 
 
 def _print_dev_banner(settings: Settings, host: str, port: int) -> None:
