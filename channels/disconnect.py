@@ -1,7 +1,9 @@
-"""Every close code the server sends, in one place (PROTOCOL.md lists the public ones).
+"""Every close code Courier itself sends, in one place (docs/protocol.md lists them all).
 
-4000-4999 are Courier's own codes; a client should reconnect (with backoff and
-jitter) after any of them except where noted.
+The WebSocket layer (uvicorn) sends the others: 1009 for a frame over
+``COURIER_MAX_FRAME_BYTES``, 1007 for invalid UTF-8, 1011 when a keepalive ping
+goes unanswered. 4000-4999 are Courier's own codes; a client should reconnect
+(with backoff and jitter) after any code except where ``reconnect`` is False.
 """
 
 from __future__ import annotations
@@ -16,10 +18,6 @@ class Disconnect:
     reconnect: bool = True
 
 
-GOING_AWAY = Disconnect(1001, "server going away")
-POLICY = Disconnect(1008, "policy violation")
-TOO_BIG = Disconnect(1009, "frame too big")
-INTERNAL = Disconnect(1011, "internal error")
 RESTART = Disconnect(1012, "service restart")
 TRY_AGAIN = Disconnect(1013, "try again later: ledger unavailable")
 TOKEN_EXPIRED = Disconnect(4001, "token expired", reconnect=False)

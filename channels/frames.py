@@ -45,7 +45,7 @@ def hello_frame(user: str, device: str, after: int, heartbeat: float, node: str)
             "user": user,
             "device": device,
             "after": after,
-            "heartbeat": heartbeat,
+            "heartbeat": int(heartbeat) if float(heartbeat).is_integer() else heartbeat,
             "node": node,
         }
     ).decode()

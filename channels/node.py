@@ -192,6 +192,13 @@ class Node:
             raise
         # An ack still in the buffer (not flushed yet) counts: it was durable to the device.
         client.acked = acked = max(acked, self.cursors.pending_ack(client.user, client.device))
+        if after is not None:
+            try:
+                head = (await self.ledger.heads([client.user])).get(client.user, 0)
+            except BaseException:
+                self._leave(client)
+                raise
+            after = min(after, head)  # a resume point past the head would swallow new events
         client.position = acked if after is None else after
         client.send(
             hello_frame(

@@ -192,7 +192,9 @@ async def listen(url: str, token: str, after: int | None, count: int | None) -> 
     last = after
     received = 0
     attempt = 0
+    loop = asyncio.get_running_loop()
     while True:
+        opened = loop.time()
         query = f"?after={last}" if last is not None else ""
         try:
             async with connect(
@@ -225,7 +227,9 @@ async def listen(url: str, token: str, after: int | None, count: int | None) -> 
                 return 1
         except OSError as exc:
             print(f"courier: cannot connect: {exc}", file=sys.stderr)
-        delay = min(30.0, 0.5 * 2**attempt) * random.uniform(0.5, 1.5)
+        if loop.time() - opened > 30:
+            attempt = 0  # the connection was healthy for a while: start the backoff afresh
+        delay = random.uniform(0, min(30.0, 0.5 * 2**attempt))  # full jitter
         attempt += 1
         print(f"courier: reconnecting in {delay:.1f}s", file=sys.stderr)
         await asyncio.sleep(delay)

@@ -79,6 +79,8 @@ async def device_socket(websocket: WebSocket) -> None:
         done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
         if reader in done and not reader.cancelled() and reader.exception() is None:
             peer_code = reader.result()
+            if client.disconnect is not None and not writer.done():
+                peer_code = None  # we had closed first: our code is the one to count
         if peer_code is None and not writer.done():
             # We are closing: let the writer flush the close frame (bounded by its abort timer).
             await asyncio.wait({writer})
@@ -97,44 +99,61 @@ def _code(disconnect: Disconnect | None) -> int:
 
 
 async def _read(websocket: WebSocket, client: Client, node: Node) -> int | None:
-    """Handle frames from the device. Answers the peer's close code, or None if we closed."""
+    """Handle frames from the device. Answers the peer's close code.
+
+    Once the server decided to close, frames are still read (and dropped) until the
+    close completes: a peer blocked on sending to a socket nobody reads would never
+    read our close frame either.
+    """
     metrics = node.metrics
-    while not client.closed:
+    while True:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
             code = int(message.get("code", 1005))
             client.closed = True  # the peer is gone: nothing more to write
             return code
-        if not client.allow_frame():
-            client.close(RATE_LIMITED)
-            return None
+        if client.closed:
+            continue
         text = message.get("text")
         if text is None:
             metrics.bad_frames.inc()
-            client.send(error_frame("bad_frame", "binary frames are not accepted; send JSON text"))
+            if _allowed(client):
+                client.send(
+                    error_frame("bad_frame", "binary frames are not accepted; send JSON text")
+                )
             continue
         try:
             frame = in_frame_decoder.decode(text)
         except msgspec.ValidationError as exc:
             metrics.bad_frames.inc()
-            client.send(error_frame("bad_frame", f"bad frame: {exc}"))
+            if _allowed(client):
+                client.send(error_frame("bad_frame", f"bad frame: {exc}"))
             continue
         except msgspec.DecodeError:
             metrics.bad_frames.inc()
-            client.send(error_frame("bad_frame", "the frame is not valid JSON"))
+            if _allowed(client):
+                client.send(error_frame("bad_frame", "the frame is not valid JSON"))
             continue
-        if frame.type == "ack":
-            if frame.seq is None or frame.seq < 0:
-                metrics.bad_frames.inc()
-                client.send(error_frame("bad_frame", "ack needs a non-negative integer seq"))
-                continue
-            node.ack(client, frame.seq)
+        if frame.type == "ack" and frame.seq is not None and frame.seq >= 0:
+            node.ack(client, frame.seq)  # acks are never rate limited: no I/O, one dict update
+        elif not _allowed(client):
+            continue
         elif frame.type == "ping":
             client.send(PONG)
+        elif frame.type == "ack":
+            metrics.bad_frames.inc()
+            client.send(error_frame("bad_frame", "ack needs a non-negative integer seq"))
         else:
             metrics.bad_frames.inc()
             client.send(error_frame("bad_frame", f"unknown frame type {frame.type!r}"))
-    return None
+
+
+def _allowed(client: Client) -> bool:
+    """Charge one frame to the device's rate limit; closes with 4029 when it is spent."""
+    if client.allow_frame():
+        return True
+    client.close(RATE_LIMITED)
+    return False
 
 
 def routes() -> list[WebSocketRoute]:

@@ -35,7 +35,7 @@ async def test_publish_reaches_every_connected_device_of_the_user(server: Server
     tablet = await Device.connect(server, user, "tablet", via_query=True)
     stranger = await Device.connect(server, other, "phone1")
     assert phone.hello["user"] == user and phone.hello["after"] == 0
-    assert phone.hello["heartbeat"] == 25
+    assert phone.hello["heartbeat"] == 25 and isinstance(phone.hello["heartbeat"], int)
     result = await server.publish(user, data={"block_id": "B9", "starts_at": "2026-11-22T10:00Z"})
     for device in (phone, tablet):
         event = await device.event()
@@ -366,4 +366,26 @@ async def test_health_metrics_and_stats(server: ServerProcess) -> None:
     assert stats["connections"] >= 1 and stats["cluster_connections"] >= 1
     page = await server.get(f"/ops?token={OPS_TOKEN}", key="")
     assert page.status_code == 200 and "Courier" in page.text
+    await phone.close()
+
+
+async def test_after_beyond_the_head_is_clamped(server: ServerProcess) -> None:
+    user = unique()
+    published = await server.publish_many([{"user": user, "kind": "k"} for _ in range(2)])
+    phone = await Device.connect(server, user, "p", after=10**12)
+    assert phone.hello["after"] == published[-1]["seq"]
+    new = await server.publish(user)
+    assert (await phone.event())["seq"] == new["seq"]  # not swallowed as "already sent"
+    await phone.close()
+
+
+async def test_acks_are_not_rate_limited(server: ServerProcess) -> None:
+    user = unique()
+    published = await server.publish_many([{"user": user, "kind": "k"} for _ in range(600)])
+    phone = await Device.connect(server, user, "p")
+    for event in await phone.events(600):  # one ack per event, as a careful app does
+        await phone.ack(event["seq"])
+    await phone.send({"type": "ping"})
+    assert (await phone.frame())["type"] == "pong"
+    assert published[-1]["seq"] == 600
     await phone.close()
