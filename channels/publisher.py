@@ -1,5 +1,6 @@
 """Publish events from backend code: ``Publisher`` (sync, e.g. a Flask view) and
-``AsyncPublisher`` (asyncio), over the HTTP API.
+``AsyncPublisher`` (asyncio), over the HTTP API; ``StreamPublisher`` and
+``AsyncStreamPublisher`` over the Redis ingest stream (``XADD courier:ingest``).
 
 Every event gets an ``id`` before its first attempt, so a retry after a timeout
 or a 503 can never record it twice: the server answers the retry as a duplicate
@@ -13,6 +14,7 @@ with the first event's ``seq``.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 import uuid
@@ -173,3 +175,130 @@ class AsyncPublisher:
                     return _results(response, many)
             await asyncio.sleep(_backoff(attempt))
         raise AssertionError("unreachable")
+
+
+# -- stream mode ---------------------------------------------------------------------------------
+
+INGEST_STREAM = "courier:ingest"
+
+
+def _stream_fields(body: dict[str, Any]) -> dict[str, str]:
+    return {"event": json.dumps(body, separators=(",", ":"))}
+
+
+class StreamPublisher:
+    """Synchronous publisher over the Redis ingest stream (``XADD courier:ingest``).
+
+    For backend services already on Redis: the event is durable in Redis when
+    ``publish`` returns and recorded by a Courier node shortly after. The ``id``
+    is set before the first attempt, so a retried XADD can never record twice.
+    Answers the event id (the ``seq`` is allocated later, by the node).
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        stream: str = INGEST_STREAM,
+        timeout: float = 5.0,
+        retries: int = 4,
+        maxlen: int | None = None,
+    ) -> None:
+        import redis
+
+        self._redis = redis.Redis.from_url(
+            redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        self.stream = stream
+        self.retries = retries
+        self.maxlen = maxlen
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def __enter__(self) -> StreamPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def publish(
+        self, user: str, kind: str, data: dict[str, Any] | None = None, **options: Any
+    ) -> str:
+        body = event(user, kind, data, **options)
+        self._xadd(body)
+        return str(body["id"])
+
+    def _xadd(self, body: dict[str, Any]) -> None:
+        import redis
+
+        fields = _stream_fields(body)
+        for attempt in range(self.retries + 1):
+            try:
+                self._redis.xadd(
+                    self.stream,
+                    fields,  # type: ignore[arg-type]
+                    maxlen=self.maxlen,
+                    approximate=True,
+                )
+                return
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if attempt == self.retries:
+                    raise PublishError(f"redis unreachable: {exc}") from exc
+            time.sleep(_backoff(attempt))
+
+
+class AsyncStreamPublisher:
+    """Asyncio publisher over the Redis ingest stream; use ``async with`` or :meth:`aclose`."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        stream: str = INGEST_STREAM,
+        timeout: float = 5.0,
+        retries: int = 4,
+        maxlen: int | None = None,
+    ) -> None:
+        import redis.asyncio
+
+        self._redis = redis.asyncio.Redis.from_url(
+            redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        self.stream = stream
+        self.retries = retries
+        self.maxlen = maxlen
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+    async def __aenter__(self) -> AsyncStreamPublisher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def publish(
+        self, user: str, kind: str, data: dict[str, Any] | None = None, **options: Any
+    ) -> str:
+        body = event(user, kind, data, **options)
+        await self._xadd(body)
+        return str(body["id"])
+
+    async def _xadd(self, body: dict[str, Any]) -> None:
+        import redis
+
+        fields = _stream_fields(body)
+        for attempt in range(self.retries + 1):
+            try:
+                await self._redis.xadd(
+                    self.stream,
+                    fields,  # type: ignore[arg-type]
+                    maxlen=self.maxlen,
+                    approximate=True,
+                )
+                return
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if attempt == self.retries:
+                    raise PublishError(f"redis unreachable: {exc}") from exc
+            await asyncio.sleep(_backoff(attempt))

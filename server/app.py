@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
@@ -64,11 +64,60 @@ def build_broker(settings: Settings) -> Broker:
         return MemoryBroker()
     from channels.redis import RedisBroker
 
-    return RedisBroker(settings.redis_url)
+    return RedisBroker(settings.redis_url, name=f"courier:{settings.node_id}")
 
 
 def build_presence(settings: Settings, node: Node) -> Presence:
-    return LocalPresence(settings.node_id, node.hub)
+    if settings.redis_url is None:
+        return LocalPresence(settings.node_id, node.hub)
+    from channels.redis import RedisPresence, redis_client
+
+    return RedisPresence(
+        redis_client(settings.redis_url, name=f"courier:{settings.node_id}:presence"),
+        settings.node_id,
+        node.hub,
+        interval=settings.presence_seconds,
+        ttl=max(5 * settings.presence_seconds, 2.0),
+    )
+
+
+async def start_redis_services(
+    settings: Settings, node: Node, presence: Presence, limits: Limits
+) -> list[Callable[[], Awaitable[None]]]:
+    """With Redis: start the presence heartbeat and the ingest stream consumer.
+
+    Answers the stop functions, to be awaited in order at shutdown.
+    """
+    if settings.redis_url is None:
+        return []
+    from channels.ingest import StreamConsumer
+    from channels.redis import RedisPresence, redis_client
+
+    stops: list[Callable[[], Awaitable[None]]] = []
+    if isinstance(presence, RedisPresence):
+        try:
+            await presence.start()
+        except Exception as exc:  # Redis down at start: the heartbeat loop keeps trying
+            log.error("presence: first heartbeat failed (%s); retrying in the background", exc)
+            presence.start_beating()
+
+        async def stop_presence() -> None:
+            await presence.stop()
+            await presence.client.aclose()
+
+        stops.append(stop_presence)
+    client = redis_client(settings.redis_url, name=f"courier:{settings.node_id}:ingest")
+    consumer = StreamConsumer(
+        client, node, limits, consumer=settings.node_id, claim_seconds=settings.ingest_claim_seconds
+    )
+    consumer.start()
+
+    async def stop_consumer() -> None:
+        await consumer.stop()
+        await client.aclose()
+
+    stops.insert(0, stop_consumer)
+    return stops
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -85,13 +134,16 @@ def create_app(settings: Settings) -> Starlette:
         except BaseException:
             await ledger.close()
             raise
+        limits = Limits(settings.max_data_bytes, settings.max_batch, settings.retention_seconds)
+        presence = build_presence(settings, node)
+        redis_stops = await start_redis_services(settings, node, presence, limits)
         app.state.services = Services(
             settings=settings,
             auth=auth,
             node=node,
-            presence=build_presence(settings, node),
+            presence=presence,
             metrics=metrics,
-            limits=Limits(settings.max_data_bytes, settings.max_batch, settings.retention_seconds),
+            limits=limits,
         )
         drain = DrainOnTerm(node, settings.drain_batch, settings.drain_seconds)
         drain.install()
@@ -111,6 +163,8 @@ def create_app(settings: Settings) -> Starlette:
             yield
         finally:
             drain.uninstall()
+            for stop in redis_stops:  # the ingest consumer first: nothing new while draining
+                await stop()
             await node.drain(seconds=min(settings.drain_seconds, 2.0))
             await node.stop()
             await ledger.close()

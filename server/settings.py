@@ -57,6 +57,9 @@ class Settings:
     retention_seconds: int = 24 * 3600
     ack_flush_seconds: float = 0.05
     reconcile_seconds: float = 5.0
+    # Redis: the ingest stream and cluster presence.
+    ingest_claim_seconds: float = 30.0
+    presence_seconds: float = 2.0
     # Shutdown.
     drain_seconds: float = 10.0
     drain_batch: int = 500
@@ -103,6 +106,8 @@ class Settings:
             retention_seconds=r.integer("COURIER_RETENTION_SECONDS", 86400, 60, 365 * 86400),
             ack_flush_seconds=r.number("COURIER_ACK_FLUSH_SECONDS", 0.05, 0.001, 60.0),
             reconcile_seconds=r.number("COURIER_RECONCILE_SECONDS", 5.0, 0.05, 3600.0),
+            ingest_claim_seconds=r.number("COURIER_INGEST_CLAIM_SECONDS", 30.0, 0.01, 86400.0),
+            presence_seconds=r.number("COURIER_PRESENCE_SECONDS", 2.0, 0.05, 60.0),
             drain_seconds=r.number("COURIER_DRAIN_SECONDS", 10.0, 0.0, 600.0),
             drain_batch=r.integer("COURIER_DRAIN_BATCH", 500, 1, 1_000_000),
         )
