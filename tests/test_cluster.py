@@ -6,10 +6,9 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
-import redis
 
 from tests.cluster import Roamer, start_cluster, users, xadd
-from tests.conftest import assert_graceful_stop
+from tests.conftest import assert_graceful_stop, fresh_redis_db
 from tests.harness import OPS_TOKEN, Device, ServerProcess, until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
@@ -17,12 +16,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
 @pytest.fixture(scope="module")
 def cluster_redis(redis_url: str) -> str:
-    """A Redis database of the cluster tests' own, emptied first (pub/sub is global anyway)."""
-    url = redis_url.rsplit("/", 1)[0] + "/3"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
-    return url
+    """A Redis database of the cluster tests' own, emptied first."""
+    return fresh_redis_db(redis_url, 3)
 
 
 @pytest.fixture(scope="module")

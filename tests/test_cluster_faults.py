@@ -16,9 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 
 from tests.cluster import Roamer, start_cluster, users, xadd
+from tests.conftest import fresh_redis_db
 from tests.harness import API_KEY, ServerProcess, until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
@@ -28,11 +28,7 @@ PER_USER = 40
 
 @pytest.fixture
 def fault_redis(redis_url: str) -> str:
-    url = redis_url.rsplit("/", 1)[0] + "/4"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
-    return url
+    return fresh_redis_db(redis_url, 4)
 
 
 @contextmanager

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,8 +11,7 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from models.ledger import migrate
-from tests.conftest import PG_ADMIN_DSN, _pg_admin, assert_graceful_stop
+from tests.conftest import _pg_admin, assert_graceful_stop, fresh_postgres
 from tests.harness import Device, ServerProcess, unique, until
 
 pytestmark = pytest.mark.e2e
@@ -99,19 +97,8 @@ async def test_sigterm_drains_with_1012_and_keeps_acks(postgres_url: str, tmp_pa
 @pytest.fixture
 def own_database() -> Iterator[tuple[str, str]]:
     """A PostgreSQL database of this test's own, so it can be cut off without hurting others."""
-    name = f"courier_fault_{uuid.uuid4().hex[:8]}"
-    try:
-        asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:
-        from tests.conftest import missing
-
-        missing("PostgreSQL", exc)
-    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-    url = f"{base}/{name}"
-    migrate(url)
-    yield url, name
-    asyncio.run(_pg_admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
-    asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with fresh_postgres("courier_fault") as db:
+        yield db
 
 
 async def _cut(name: str) -> None:
