@@ -1,0 +1,247 @@
+"""Shared parts of the benchmarks: a scratch ledger, a real server process, small statistics.
+
+Nothing here is faked: the server is ``python -m server.cli serve`` in its own process
+on a free loopback port, with a ledger made for the run and removed afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "database": "postgres"}
+WS_IMPLEMENTATIONS = ("websockets-sansio", "websockets", "wsproto")
+
+
+def raise_open_files_limit() -> int:
+    """Soft open-files limit up to the hard one (inherited by the server and client processes)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return int(soft)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+    }
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of ``pid`` in KiB (VmRSS of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far (from /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
+    return float(sorted_values[k])
+
+
+def median(values: Sequence[float]) -> float:
+    clean = [v for v in values if v == v]  # drop NaN
+    return float(statistics.median(clean)) if clean else float("nan")
+
+
+class Ledger:
+    """A scratch ledger: a SQLite file in a temporary folder, or a PostgreSQL database."""
+
+    def __init__(self, kind: str) -> None:
+        if kind not in ("sqlite", "postgres"):
+            raise ValueError(f"unknown ledger {kind!r}")
+        self.kind = kind
+        self.tmp = Path(tempfile.mkdtemp(prefix="courier-bench-"))
+        self.pg_name = f"courier_bench_{os.getpid()}_{secrets.token_hex(3)}"
+        if kind == "sqlite":
+            self.url = f"sqlite+aiosqlite:///{self.tmp / 'ledger.db'}"
+        else:
+            self.url = (
+                f"postgresql+asyncpg://{PG_ADMIN['user']}@{PG_ADMIN['host']}:{PG_ADMIN['port']}"
+                f"/{self.pg_name}"
+            )
+
+    def __enter__(self) -> Ledger:
+        if self.kind == "postgres":
+            asyncio.run(self._pg(f'CREATE DATABASE "{self.pg_name}"'))
+        try:
+            from models.ledger import migrate
+
+            migrate(self.url)
+        except BaseException:
+            self.drop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.drop()
+
+    def drop(self) -> None:
+        if self.kind == "postgres":
+            try:
+                asyncio.run(self._pg(f'DROP DATABASE IF EXISTS "{self.pg_name}" WITH (FORCE)'))
+            except Exception as exc:
+                print(f"bench: could not drop {self.pg_name}: {exc}", file=sys.stderr)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    async def _pg(self, sql: str) -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(**PG_ADMIN)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+
+class Server:
+    """``courier serve`` in a subprocess, production settings, logging to a file."""
+
+    def __init__(
+        self,
+        database_url: str,
+        workdir: Path,
+        ws: str = "websockets-sansio",
+        deflate: bool = False,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws = ws
+        self.jwt_secret = secrets.token_urlsafe(32)
+        self.api_key = "bench-" + secrets.token_urlsafe(16)
+        self.ops_token = "ops-" + secrets.token_urlsafe(16)
+        self.log_path = workdir / f"server-{self.port}.log"
+        self.env = {
+            **os.environ,
+            "COURIER_ENV": "production",
+            "COURIER_DATABASE_URL": database_url,
+            "COURIER_JWT_SECRET": self.jwt_secret,
+            "COURIER_API_KEYS": self.api_key,
+            "COURIER_OPS_TOKEN": self.ops_token,
+            "COURIER_WS_DEFLATE": "true" if deflate else "false",
+            "COURIER_DRAIN_SECONDS": "2",
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        for name in ("COURIER_PORT", "PORT", "COURIER_REDIS_URL", "REDIS_URL", "WEB_CONCURRENCY"):
+            self.env.pop(name, None)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 30.0) -> Server:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "server.cli",
+                    "serve",
+                    "--port",
+                    str(self.port),
+                    "--ws",
+                    self.ws,
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)  # the process gives no other readiness signal
+        self.stop()
+        raise RuntimeError(f"server not ready within {timeout}s:\n{self.log()}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self, tail: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-tail:]
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def metrics(self) -> dict[str, float]:
+        """The server's Prometheus counters and gauges (unlabelled ones), by name."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10.0).text
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("#") or "{" in line or " " not in line:
+                continue
+            name, _, value = line.partition(" ")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                continue
+        return out

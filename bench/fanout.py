@@ -1,0 +1,724 @@
+"""Fan-out benchmark: idle memory per connection, frames/s, publish-to-receive latency, acks.
+
+Starts a real server (``python -m server.cli serve``, production settings, a scratch
+ledger), opens N device connections from K client processes bound to distinct loopback
+source addresses (127.0.0.2, 127.0.0.3, ...), then:
+
+(a) memory: the server's RSS (``/proc/PID/status``) before and after connecting, / N;
+(b) fan-out: R rounds, each publishing one event per user through ``POST /v1/events``
+    (batches of at most 1000); every device of the user receives it. Reports frames/s
+    received across all clients and the latency from just before the POST to the frame
+    arriving at the client (``data.t``, wall-clock microseconds, same machine);
+(c) acks: every client acks every event; reports how long after the last frame the
+    ledger shows every device's ``acked_seq`` at the last seq (acks are batched to the
+    ledger by the server's cursor flush).
+
+Scenarios: ``users`` (N/D users of D devices each; one event per user per round) and
+``broadcast`` (few users of many devices: each event goes to N/U devices).
+
+The clients are a minimal asyncio WebSocket client (handshake, frame parser, masked ack
+frames; it offers permessage-deflate like browsers do, so ``--deflate`` takes effect),
+so the client side costs little CPU: clients and server share the same machine.
+
+    .venv/bin/python bench/fanout.py                      # both scenarios, 10k connections
+    .venv/bin/python bench/fanout.py --matrix --scenario broadcast --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+import zlib
+from array import array
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, cast
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import contextlib
+
+import httpx
+import jwt
+import msgspec
+
+from bench import benchlib
+
+HANDSHAKE_CONCURRENCY = 50
+"""Handshakes in flight per client process."""
+
+
+# -- the client side (runs in the client processes) ---------------------------------------
+
+
+class _Data(msgspec.Struct):
+    t: int = 0
+
+
+class _Frame(msgspec.Struct):
+    type: str
+    seq: int = 0
+    data: _Data | None = None
+
+
+_decode = msgspec.json.Decoder(_Frame).decode
+
+
+class Stats:
+    """What one client process saw; latencies in microseconds."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.acks = 0
+        self.latencies = array("q")
+        self.last_recv_ns = 0
+        self.closed = 0
+        self.close_codes: dict[int, int] = {}
+
+
+class Device(asyncio.Protocol):
+    """One device connection: HTTP upgrade, then read frames, ack events, answer pings."""
+
+    __slots__ = (
+        "_buf",
+        "_frag",
+        "_frag_compressed",
+        "_hello",
+        "_inflate",
+        "_request",
+        "_stats",
+        "_transport",
+        "_upgraded",
+        "deflate",
+        "open",
+    )
+
+    def __init__(self, request: bytes, stats: Stats, hello: asyncio.Future[None]) -> None:
+        self._request = request
+        self._stats = stats
+        self._hello = hello
+        self._buf = bytearray()
+        self._frag: list[bytes] | None = None
+        self._frag_compressed = False
+        self._inflate: Any = None
+        self._transport: asyncio.Transport | None = None
+        self._upgraded = False
+        self.deflate = False
+        self.open = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._transport.write(self._request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.open:
+            self._stats.closed += 1
+        self.open = False
+        if not self._hello.done():
+            self._hello.set_exception(ConnectionError(f"closed before hello: {exc}"))
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        if not self._upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(buf[:end])
+            del buf[: end + 4]
+            if not head.startswith(b"HTTP/1.1 101"):
+                if not self._hello.done():
+                    line = head.split(b"\r\n", 1)[0].decode(errors="replace")
+                    self._hello.set_exception(ConnectionError(f"refused: {line}"))
+                self.close()
+                return
+            self._upgraded = True
+            self.open = True
+            self.deflate = b"permessage-deflate" in head.lower()
+        self._parse(time.time_ns())
+
+    def _parse(self, now_ns: int) -> None:
+        buf = self._buf
+        n = len(buf)
+        pos = 0
+        while n - pos >= 2:
+            b0 = buf[pos]
+            length = buf[pos + 1] & 0x7F
+            header = 2
+            if length == 126:
+                if n - pos < 4:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+                header = 4
+            elif length == 127:
+                if n - pos < 10:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                header = 10
+            if n - pos < header + length:
+                break
+            payload = bytes(buf[pos + header : pos + header + length])
+            pos += header + length
+            opcode = b0 & 0x0F
+            if opcode in (0x1, 0x2, 0x0):
+                if opcode != 0x0:
+                    self._frag = []
+                    self._frag_compressed = bool(b0 & 0x40)
+                if self._frag is None:
+                    continue
+                self._frag.append(payload)
+                if b0 & 0x80:  # FIN
+                    message = b"".join(self._frag)
+                    self._frag = None
+                    if self._frag_compressed:
+                        if self._inflate is None:
+                            self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+                        message = self._inflate.decompress(message + b"\x00\x00\xff\xff")
+                    self._message(message, now_ns)
+            elif opcode == 0x9:  # ping: answer with a pong carrying the same payload
+                self._send(0x8A, payload)
+            elif opcode == 0x8:  # close: answer and drop the connection
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                self._stats.close_codes[code] = self._stats.close_codes.get(code, 0) + 1
+                self._send(0x88, payload[:2])
+                self.close()
+                break
+        del buf[:pos]
+
+    def _message(self, message: bytes, now_ns: int) -> None:
+        frame = _decode(message)
+        if frame.type == "event":
+            stats = self._stats
+            stats.frames += 1
+            stats.last_recv_ns = now_ns
+            if frame.data is not None and frame.data.t:
+                stats.latencies.append(now_ns // 1000 - frame.data.t)
+            self._send(0x81, b'{"type":"ack","seq":%d}' % frame.seq)
+            stats.acks += 1
+        elif frame.type == "hello" and not self._hello.done():
+            self._hello.set_result(None)
+
+    def _send(self, first: int, payload: bytes) -> None:
+        # Client frames must be masked; an all-zero masking key leaves the payload as is.
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._transport.write(bytes((first, 0x80 | len(payload))) + b"\0\0\0\0" + payload)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+def _request(host: str, port: int, token: str) -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET /v1/ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+        f"Authorization: Bearer {token}\r\n\r\n"
+    ).encode()
+
+
+@dataclass
+class WorkerPlan:
+    index: int
+    source: str
+    port: int
+    secret: str
+    devices: list[tuple[str, str]]
+    connect_timeout: float
+
+
+def client_process(plan: WorkerPlan, ctrl: Connection, progress: Any) -> None:
+    import uvloop
+
+    uvloop.run(_client_main(plan, ctrl, progress))
+
+
+async def _client_main(plan: WorkerPlan, ctrl: Connection, progress: Any) -> None:
+    loop = asyncio.get_running_loop()
+    stats = Stats()
+    devices: list[Device] = []
+    errors: dict[str, int] = {}
+    sem = asyncio.Semaphore(HANDSHAKE_CONCURRENCY)
+    exp = int(time.time()) + 3600
+
+    async def open_one(user: str, device: str) -> None:
+        token = jwt.encode({"sub": user, "did": device, "exp": exp}, plan.secret, "HS256")
+        hello: asyncio.Future[None] = loop.create_future()
+        async with sem:
+            try:
+                _, proto = await asyncio.wait_for(
+                    loop.create_connection(
+                        lambda: Device(_request("127.0.0.1", plan.port, token), stats, hello),
+                        "127.0.0.1",
+                        plan.port,
+                        local_addr=(plan.source, 0),
+                    ),
+                    plan.connect_timeout,
+                )
+                await asyncio.wait_for(hello, plan.connect_timeout)
+                devices.append(proto)
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"[:160]
+                errors[reason] = errors.get(reason, 0) + 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(open_one(u, d) for u, d in plan.devices))
+    ctrl.send(
+        {
+            "connected": len(devices),
+            "errors": errors,
+            "seconds": time.monotonic() - started,
+            "deflate": sum(1 for d in devices if d.deflate),
+        }
+    )
+
+    async def report_progress() -> None:
+        while True:
+            progress.value = stats.frames
+            await asyncio.sleep(0.05)
+
+    reporter = asyncio.create_task(report_progress())
+    try:
+        while True:
+            # A thread waits on the pipe, so the pipe stays blocking for large replies.
+            command = await loop.run_in_executor(None, ctrl.recv)
+            if command == "reset":
+                stats.frames = stats.acks = 0
+                stats.latencies = array("q")
+                stats.last_recv_ns = 0
+                ctrl.send("ok")
+            elif command == "collect":
+                ctrl.send(
+                    {
+                        "frames": stats.frames,
+                        "acks": stats.acks,
+                        "last_recv_ns": stats.last_recv_ns,
+                        "latencies": stats.latencies.tobytes(),
+                        "open": sum(1 for d in devices if d.open),
+                        "close_codes": stats.close_codes,
+                    }
+                )
+            elif command == "close":
+                break
+    finally:
+        reporter.cancel()
+        for d in devices:
+            d.close()
+        await asyncio.sleep(0.2)
+        ctrl.send("closed")
+
+
+# -- the driver (parent process) ----------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    scenario: str
+    ws: str
+    deflate: bool
+    ledger: str
+    connections_wanted: int
+    connections: int
+    users: int
+    devices_per_user: int
+    rounds: int
+    connect_seconds: float = 0.0
+    connect_errors: dict[str, int] = field(default_factory=dict)
+    rss_before_kib: int = 0
+    rss_idle_kib: int = 0
+    rss_after_fanout_kib: int = 0
+    kib_per_conn_idle: float = 0.0
+    kib_per_conn_after_fanout: float = 0.0
+    frames_expected: int = 0
+    frames: int = 0
+    fanout_seconds: float = 0.0
+    frames_per_s: float = 0.0
+    publish_seconds: float = 0.0
+    server_cpu_fanout_s: float = 0.0
+    p50_ms: float = float("nan")
+    p95_ms: float = float("nan")
+    p99_ms: float = float("nan")
+    max_ms: float = float("nan")
+    acks_sent: int = 0
+    acks_counted_by_server: float = 0.0
+    acks_durable_devices: int = 0
+    acks_durable_after_s: float = float("nan")
+    cursor_flush_failures: float = 0.0
+    open_after: int = 0
+    close_codes: dict[int, int] = field(default_factory=dict)
+    error: str | None = None
+
+
+def _plan(args: argparse.Namespace, scenario: str) -> tuple[list[tuple[str, str]], int, int]:
+    n = args.connections
+    if scenario == "users":
+        per_user = max(1, args.devices_per_user)
+    else:
+        per_user = max(1, n // max(1, args.broadcast_users))
+    users = max(1, (n + per_user - 1) // per_user)
+    devices = [(f"u{i // per_user:06d}", f"d{i % per_user:05d}") for i in range(n)]
+    return devices, users, per_user
+
+
+def _recv(conn: Connection, timeout: float) -> Any:
+    if not conn.poll(timeout):
+        raise TimeoutError(f"a client process did not answer within {timeout:.0f}s")
+    return conn.recv()
+
+
+async def _publish_rounds(
+    server: benchlib.Server, users: list[str], rounds: int, batch: int, deadline: float
+) -> None:
+    headers = {"Authorization": f"Bearer {server.api_key}"}
+    async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60.0) as http:
+        for r in range(rounds):
+            for i in range(0, len(users), batch):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("publishing ran past the time budget")
+                t = time.time_ns() // 1000
+                body = [
+                    {"user": u, "kind": "bench.fanout", "data": {"t": t, "r": r}}
+                    for u in users[i : i + batch]
+                ]
+                response = await http.post("/v1/events", content=json.dumps(body))
+                if response.status_code != 201:
+                    raise RuntimeError(f"publish: HTTP {response.status_code} {response.text}")
+
+
+async def _durable_acks(url: str, users: int, per_user: int, seq: int, timeout: float) -> int:
+    """Poll the ledger until every device's acked_seq is ``seq``; answers how many are."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(url)
+    deadline = time.monotonic() + timeout
+    done = 0
+    try:
+        while True:
+            async with engine.connect() as conn:
+                result = await conn.execute(
+                    text("SELECT count(*) FROM devices WHERE acked_seq >= :seq"), {"seq": seq}
+                )
+                done = int(result.scalar_one())
+            if done >= users * per_user or time.monotonic() > deadline:
+                return done
+            await asyncio.sleep(0.05)
+    finally:
+        await engine.dispose()
+
+
+def run_once(args: argparse.Namespace, scenario: str, ws: str, deflate: bool) -> RunResult:
+    devices, users, per_user = _plan(args, scenario)
+    result = RunResult(
+        scenario=scenario,
+        ws=ws,
+        deflate=deflate,
+        ledger=args.ledger,
+        connections_wanted=len(devices),
+        connections=0,
+        users=users,
+        devices_per_user=per_user,
+        rounds=args.rounds,
+    )
+    budget = time.monotonic() + args.time_budget
+    ctx = mp.get_context("spawn")
+    procs: list[Any] = []
+    ctrls: list[Connection] = []
+    progress: list[Any] = []
+    with benchlib.Ledger(args.ledger) as ledger:
+        server = benchlib.Server(
+            ledger.url,
+            ledger.tmp,
+            ws=ws,
+            deflate=deflate,
+            env={
+                "COURIER_SEND_QUEUE": str(max(1024, 4 * args.rounds)),
+                # Every client acks every event; the per-connection frame rate limit
+                # (50/s by default) would close them when rounds come back to back.
+                "COURIER_RATE_LIMIT": "100000",
+                "COURIER_RATE_BURST": "100000",
+            },
+        )
+        try:
+            server.start()
+            time.sleep(1.0)
+            result.rss_before_kib = benchlib.rss_kib(server.pid)
+            k = max(1, min(args.clients, len(devices)))
+            for i in range(k):
+                parent, child = ctx.Pipe()
+                counter = ctx.Value("q", 0, lock=False)
+                plan = WorkerPlan(
+                    index=i,
+                    source=f"127.0.0.{2 + i % 250}",
+                    port=server.port,
+                    secret=server.jwt_secret,
+                    devices=devices[i::k],
+                    connect_timeout=args.connect_timeout,
+                )
+                proc = ctx.Process(target=client_process, args=(plan, child, counter), daemon=True)
+                proc.start()
+                procs.append(proc)
+                ctrls.append(parent)
+                progress.append(counter)
+            hellos = [_recv(c, max(1.0, budget - time.monotonic())) for c in ctrls]
+            result.connections = sum(h["connected"] for h in hellos)
+            result.connect_seconds = max(h["seconds"] for h in hellos)
+            for h in hellos:
+                for reason, count in h["errors"].items():
+                    result.connect_errors[reason] = result.connect_errors.get(reason, 0) + count
+            if deflate and sum(h["deflate"] for h in hellos) != result.connections:
+                raise RuntimeError("permessage-deflate was not negotiated on every connection")
+            if result.connections == 0:
+                raise RuntimeError(f"no connection opened: {result.connect_errors}")
+            time.sleep(args.settle)
+            result.rss_idle_kib = benchlib.rss_kib(server.pid)
+            result.kib_per_conn_idle = (
+                result.rss_idle_kib - result.rss_before_kib
+            ) / result.connections
+
+            for c in ctrls:
+                c.send("reset")
+                _recv(c, 30)
+            # Only fully connected users count; with errors, some devices are missing.
+            user_names = sorted({u for u, _ in devices})
+            result.frames_expected = result.connections * args.rounds
+            cpu0 = benchlib.cpu_seconds(server.pid)
+            t0 = time.time_ns()
+            p0 = time.monotonic()
+            asyncio.run(_publish_rounds(server, user_names, args.rounds, args.batch, budget))
+            result.publish_seconds = time.monotonic() - p0
+            wait_until = min(budget, time.monotonic() + args.drain_timeout)
+            while time.monotonic() < wait_until:
+                if sum(p.value for p in progress) >= result.frames_expected:
+                    break
+                time.sleep(0.02)
+            frames_done = time.monotonic()
+            result.server_cpu_fanout_s = benchlib.cpu_seconds(server.pid) - cpu0
+            # Acks: the ledger shows every device at the last seq once the flush ran.
+            durable = asyncio.run(
+                _durable_acks(ledger.url, users, per_user, args.rounds, args.ack_timeout)
+            )
+            result.acks_durable_devices = durable
+            if durable >= result.connections:
+                result.acks_durable_after_s = time.monotonic() - frames_done
+            result.rss_after_fanout_kib = benchlib.rss_kib(server.pid)
+            result.kib_per_conn_after_fanout = (
+                result.rss_after_fanout_kib - result.rss_before_kib
+            ) / result.connections
+
+            latencies = array("q")
+            last_ns = 0
+            for c in ctrls:
+                c.send("collect")
+                s = _recv(c, 60)
+                result.frames += s["frames"]
+                result.acks_sent += s["acks"]
+                result.open_after += s["open"]
+                last_ns = max(last_ns, s["last_recv_ns"])
+                chunk = array("q")
+                chunk.frombytes(s["latencies"])
+                latencies.extend(chunk)
+                for code, count in s["close_codes"].items():
+                    result.close_codes[code] = result.close_codes.get(code, 0) + count
+            if last_ns:
+                result.fanout_seconds = (last_ns - t0) / 1e9
+                result.frames_per_s = result.frames / result.fanout_seconds
+            ordered = sorted(latencies)
+            if ordered:
+                result.p50_ms = benchlib.percentile(ordered, 50) / 1000
+                result.p95_ms = benchlib.percentile(ordered, 95) / 1000
+                result.p99_ms = benchlib.percentile(ordered, 99) / 1000
+                result.max_ms = ordered[-1] / 1000
+            metrics = server.metrics()
+            result.acks_counted_by_server = metrics.get("courier_acks_total", 0.0)
+            result.cursor_flush_failures = metrics.get("courier_cursor_flush_failures_total", 0.0)
+        except Exception as exc:
+            result.error = f"{type(exc).__name__}: {exc}"
+            if not server.alive():
+                result.error += f"\nserver log:\n{server.log()}"
+        finally:
+            for c in ctrls:
+                with contextlib.suppress(OSError):
+                    c.send("close")
+            for c in ctrls:
+                with contextlib.suppress(TimeoutError, EOFError, OSError):
+                    _recv(c, 10)
+            for p in procs:
+                p.join(5)
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+            server.stop()
+    return result
+
+
+# -- reporting -------------------------------------------------------------------------------
+
+COLUMNS = (
+    ("scenario", "scenario", "{}"),
+    ("ws", "--ws", "{}"),
+    ("deflate", "deflate", "{}"),
+    ("connections", "conns", "{}"),
+    ("devices_per_user", "dev/user", "{}"),
+    ("kib_per_conn_idle", "KiB/conn idle", "{:.1f}"),
+    ("kib_per_conn_after_fanout", "KiB/conn after", "{:.1f}"),
+    ("frames_per_s", "frames/s", "{:,.0f}"),
+    ("p50_ms", "p50 ms", "{:.0f}"),
+    ("p95_ms", "p95 ms", "{:.0f}"),
+    ("p99_ms", "p99 ms", "{:.0f}"),
+    ("acks_durable_after_s", "acks durable s", "{:.2f}"),
+)
+NUMERIC = (
+    "connect_seconds",
+    "kib_per_conn_idle",
+    "kib_per_conn_after_fanout",
+    "frames_per_s",
+    "fanout_seconds",
+    "publish_seconds",
+    "server_cpu_fanout_s",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "max_ms",
+    "acks_durable_after_s",
+)
+
+
+def summarize(runs: list[RunResult]) -> dict[str, Any]:
+    """Median of each measured figure over the repeats of one configuration."""
+    first = runs[0]
+    out: dict[str, Any] = {
+        "scenario": first.scenario,
+        "ws": first.ws,
+        "deflate": first.deflate,
+        "ledger": first.ledger,
+        "connections": min(r.connections for r in runs),
+        "devices_per_user": first.devices_per_user,
+        "users": first.users,
+        "rounds": first.rounds,
+        "repeats": len(runs),
+        "errors": [r.error for r in runs if r.error],
+    }
+    for name in NUMERIC:
+        out[name] = benchlib.median([float(getattr(r, name)) for r in runs])
+    return out
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    cells = [[title for _, title, _ in COLUMNS]]
+    for row in rows:
+        cells.append([fmt.format(row[key]) for key, _, fmt in COLUMNS])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+    for i, r in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def print_run(r: RunResult) -> None:
+    print(
+        f"  run {r.scenario} ws={r.ws} deflate={r.deflate}: {r.connections}/"
+        f"{r.connections_wanted} connected in {r.connect_seconds:.1f}s,"
+        f" {r.kib_per_conn_idle:.1f} KiB/conn idle, {r.kib_per_conn_after_fanout:.1f} after;"
+        f" {r.frames}/{r.frames_expected} frames in {r.fanout_seconds:.2f}s"
+        f" = {r.frames_per_s:,.0f}/s (publish {r.publish_seconds:.2f}s, server CPU"
+        f" {r.server_cpu_fanout_s:.2f}s); p50/p95/p99 {r.p50_ms:.0f}/{r.p95_ms:.0f}/"
+        f"{r.p99_ms:.0f} ms; acks sent {r.acks_sent}, counted {r.acks_counted_by_server:.0f},"
+        f" durable {r.acks_durable_devices} devices after {r.acks_durable_after_s:.2f}s,"
+        f" flush failures {r.cursor_flush_failures:.0f}; open after {r.open_after}",
+        flush=True,
+    )
+    if r.connect_errors:
+        print(f"    connect errors: {r.connect_errors}", flush=True)
+    if r.close_codes:
+        print(f"    close codes: {r.close_codes}", flush=True)
+    if r.error:
+        print(f"    ERROR: {r.error}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--connections", type=int, default=10_000, help="device connections (N)")
+    p.add_argument("--clients", type=int, default=4, help="client processes (K)")
+    p.add_argument("--scenario", choices=("users", "broadcast", "both"), default="both")
+    p.add_argument("--devices-per-user", type=int, default=2, help="'users' scenario: D")
+    p.add_argument("--broadcast-users", type=int, default=10, help="'broadcast' scenario: U")
+    p.add_argument("--rounds", type=int, default=10, help="events per user (R)")
+    p.add_argument("--batch", type=int, default=1000, help="events per POST (at most 1000)")
+    p.add_argument("--ws", choices=benchlib.WS_IMPLEMENTATIONS, default="websockets-sansio")
+    p.add_argument("--deflate", action="store_true", help="COURIER_WS_DEFLATE=true")
+    p.add_argument(
+        "--matrix", action="store_true", help="every --ws implementation, deflate off and on"
+    )
+    p.add_argument("--ledger", choices=("sqlite", "postgres"), default="sqlite")
+    p.add_argument("--repeat", type=int, default=1, help="runs per configuration (median)")
+    p.add_argument("--settle", type=float, default=3.0, help="seconds before the idle RSS")
+    p.add_argument("--connect-timeout", type=float, default=60.0)
+    p.add_argument("--drain-timeout", type=float, default=120.0, help="wait for frames, s")
+    p.add_argument("--ack-timeout", type=float, default=30.0, help="wait for durable acks, s")
+    p.add_argument("--time-budget", type=float, default=600.0, help="seconds per run, at most")
+    p.add_argument("--json", type=Path, default=None, help="write results to this file")
+    args = p.parse_args(argv)
+    if not 1 <= args.batch <= 1000:
+        p.error("--batch must be 1-1000")
+
+    limit = benchlib.raise_open_files_limit()
+    if args.connections + 100 > limit:
+        print(
+            f"bench: warning: {args.connections} connections need as many sockets in the"
+            f" server process; its open-files limit is {limit}",
+            file=sys.stderr,
+        )
+    scenarios = ["users", "broadcast"] if args.scenario == "both" else [args.scenario]
+    if args.matrix:
+        configs = [(ws, d) for ws in benchlib.WS_IMPLEMENTATIONS for d in (False, True)]
+    else:
+        configs = [(args.ws, args.deflate)]
+    info = benchlib.machine()
+    print(
+        f"fanout: {info['cpus']} CPUs ({info['cpu_model']}), Python {info['python']},"
+        f" open files {limit}; N={args.connections} from {args.clients} client processes,"
+        f" R={args.rounds}, ledger={args.ledger}, repeats={args.repeat}",
+        flush=True,
+    )
+    rows: list[dict[str, Any]] = []
+    all_runs: list[dict[str, Any]] = []
+    for scenario in scenarios:
+        for ws, deflate in configs:
+            runs = []
+            for _ in range(max(1, args.repeat)):
+                r = run_once(args, scenario, ws, deflate)
+                print_run(r)
+                runs.append(r)
+                all_runs.append(asdict(r))
+            rows.append(summarize(runs))
+    print()
+    print_table(rows)
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": info,
+                    "args": vars(args) | {"json": str(args.json)},
+                    "summary": rows,
+                    "runs": all_runs,
+                },
+                indent=2,
+                default=str,
+            )
+        )
+    failed = any(row["errors"] for row in rows)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
