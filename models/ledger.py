@@ -117,6 +117,43 @@ _EVENT_COLUMNS = (
 )
 
 
+# Fixed statements, compiled once: a batch's rows travel as parameters (PostgreSQL:
+# arrays through unnest, one round trip; SQLite: executemany), never as new SQL text.
+_EVENT_KEYS = (
+    "user_id",
+    "seq",
+    "id",
+    "device_id",
+    "kind",
+    "data",
+    "created_at",
+    "expires_at",
+    "collapse",
+)
+_PG_INSERT_EVENTS = text(
+    "INSERT INTO events (user_id, seq, id, device_id, kind, data, created_at, expires_at, collapse)"
+    " SELECT * FROM unnest(CAST(:user_id AS text[]), CAST(:seq AS bigint[]),"
+    " CAST(:id AS text[]), CAST(:device_id AS text[]), CAST(:kind AS text[]),"
+    " CAST(:data AS text[]), CAST(:created_at AS bigint[]), CAST(:expires_at AS bigint[]),"
+    " CAST(:collapse AS text[]))"
+    " ON CONFLICT (id) DO NOTHING RETURNING id"
+)
+_PG_ALLOCATE = text(
+    "INSERT INTO streams (user_id, last_seq)"
+    " SELECT * FROM unnest(CAST(:users AS text[]), CAST(:counts AS bigint[]))"
+    " ON CONFLICT (user_id) DO UPDATE SET last_seq = streams.last_seq + EXCLUDED.last_seq"
+    " RETURNING user_id, last_seq"
+)
+_SQLITE_INSERT_EVENTS = (
+    sqlite.insert(events).on_conflict_do_nothing(index_elements=["id"]).returning(events.c.id)
+)
+_sqlite_streams = sqlite.insert(streams)
+_SQLITE_ALLOCATE = _sqlite_streams.on_conflict_do_update(
+    index_elements=["user_id"],
+    set_={"last_seq": streams.c.last_seq + _sqlite_streams.excluded.last_seq},
+).returning(streams.c.user_id, streams.c.last_seq)
+
+
 def _stored(row: Any) -> StoredEvent:
     return StoredEvent(*row)
 
@@ -249,16 +286,7 @@ class Ledger:
                         "collapse": ev.collapse,
                     }
                 )
-            inserted: set[str] = set()
-            insert = self._insert()
-            for i in range(0, len(rows), _CHUNK):
-                stmt = (
-                    insert(events)
-                    .values(rows[i : i + _CHUNK])
-                    .on_conflict_do_nothing(index_elements=["id"])
-                    .returning(events.c.id)
-                )
-                inserted.update(r[0] for r in await conn.execute(stmt))
+            inserted = await self._insert_events(conn, rows)
             raced = [key for key in stored if key not in inserted]
             if raced:  # a concurrent batch recorded the same id first: it wins
                 for key in raced:
@@ -297,18 +325,25 @@ class Ledger:
 
         Users are locked in sorted order so concurrent batches cannot deadlock here.
         """
-        heads: dict[str, int] = {}
         users = sorted(counts)
-        insert = self._insert()
-        for i in range(0, len(users), _CHUNK):
-            chunk = users[i : i + _CHUNK]
-            stmt = insert(streams).values([{"user_id": u, "last_seq": counts[u]} for u in chunk])
-            stmt = stmt.on_conflict_do_update(
-                index_elements=["user_id"],
-                set_={"last_seq": streams.c.last_seq + stmt.excluded.last_seq},
-            ).returning(streams.c.user_id, streams.c.last_seq)
-            heads.update({r[0]: r[1] for r in await conn.execute(stmt)})
-        return heads
+        if self.dialect == "postgresql":
+            result = await conn.execute(
+                _PG_ALLOCATE, {"users": users, "counts": [counts[u] for u in users]}
+            )
+        else:
+            result = await conn.execute(
+                _SQLITE_ALLOCATE, [{"user_id": u, "last_seq": counts[u]} for u in users]
+            )
+        return {r[0]: r[1] for r in result}
+
+    async def _insert_events(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> set[str]:
+        """Insert new events; answers the ids actually inserted (a concurrent twin wins)."""
+        if self.dialect == "postgresql":
+            params = {key: [r[key] for r in rows] for key in _EVENT_KEYS}
+            result = await conn.execute(_PG_INSERT_EVENTS, params)
+        else:
+            result = await conn.execute(_SQLITE_INSERT_EVENTS, rows)
+        return {r[0] for r in result}
 
     async def _supersede(self, conn: AsyncConnection, fresh: Iterable[StoredEvent]) -> None:
         """Mark older undelivered-by-design events of the same collapse key as superseded.
