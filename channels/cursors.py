@@ -10,6 +10,8 @@ class CursorBuffer:
 
     def __init__(self) -> None:
         self._moves: dict[tuple[str, str], list[int]] = {}
+        # Taken for a flush whose transaction has not committed yet.
+        self._inflight: dict[tuple[str, str], list[int]] = {}
 
     def __len__(self) -> int:
         return len(self._moves)
@@ -36,16 +38,25 @@ class CursorBuffer:
             entry[2] = at
 
     def pending_ack(self, user: str, device: str) -> int:
-        """An ack not yet written (0 if none): a reconnect must not go behind it."""
-        entry = self._moves.get((user, device))
-        return 0 if entry is None else entry[0]
+        """An ack not yet committed (0 if none): a reconnect must not go behind it."""
+        key = (user, device)
+        return max(
+            entry[0] for entry in (self._moves.get(key, (0,)), self._inflight.get(key, (0,)))
+        )
 
     def take(self) -> list[Cursor]:
+        """The moves to flush; they count as pending until :meth:`done` or :meth:`restore`."""
         moves, self._moves = self._moves, {}
+        self._inflight = moves
         return [Cursor(u, d, a, s, t) for (u, d), (a, s, t) in moves.items()]
+
+    def done(self) -> None:
+        """The flush of the last :meth:`take` committed."""
+        self._inflight = {}
 
     def restore(self, moves: list[Cursor]) -> None:
         """Put back moves whose flush failed, merged with anything newer."""
+        self._inflight = {}
         for m in moves:
             self.ack(m.user, m.device, m.acked)
             self.sent(m.user, m.device, m.sent)

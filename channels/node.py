@@ -440,6 +440,7 @@ class Node:
         except BaseException:
             self.cursors.restore(moves)
             raise
+        self.cursors.done()
 
     async def flush_cursors_quietly(self) -> None:
         try:

@@ -110,3 +110,14 @@ def test_cursor_buffer_keeps_maxima_and_restores() -> None:
     buf.ack("u", "d", 9)
     buf.restore(moves)  # a failed flush is merged back, never moving a cursor backward
     assert [(m.acked, m.sent, m.seen) for m in buf.take()] == [(9, 7, 100)]
+
+
+def test_cursor_buffer_counts_a_flush_in_flight_as_pending() -> None:
+    buf = CursorBuffer()
+    buf.ack("u", "d", 4)
+    moves = buf.take()  # the flush's transaction has not committed yet
+    assert buf.pending_ack("u", "d") == 4  # a reconnect now must not resume behind it
+    buf.done()
+    assert buf.pending_ack("u", "d") == 0
+    buf.restore(moves)
+    assert buf.pending_ack("u", "d") == 4
