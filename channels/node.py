@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,7 @@ from channels.frames import (
 )
 from channels.hub import Hub
 from channels.metrics import Metrics
-from models.ledger import Ledger, LedgerUnavailable, NewEvent, Recorded, now_ms
+from models.ledger import Ledger, LedgerUnavailable, NewEvent, Recorded, StoredEvent, now_ms
 
 log = logging.getLogger("courier.node")
 
@@ -71,6 +71,44 @@ class _Subscription:
         self.ready = ready
 
 
+class _Registrar:
+    """Registers connecting devices in batches: every device that connects while one
+    registration statement is in flight goes into the next one (a reconnect storm of
+    thousands of phones is a handful of statements, not one transaction each)."""
+
+    def __init__(
+        self, ledger: Ledger, spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]]
+    ) -> None:
+        self.ledger = ledger
+        self._spawn = spawn
+        self._waiting: dict[tuple[str, str], list[asyncio.Future[tuple[int, int]]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def register(self, user: str, device: str) -> tuple[int, int]:
+        """``(acked cursor, user's head)``; raises ``LedgerUnavailable``."""
+        future: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault((user, device), []).append(future)
+        if self._task is None or self._task.done():
+            self._task = self._spawn(self._run())
+        return await future
+
+    async def _run(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, {}
+            try:
+                found = await self.ledger.register_devices(list(batch))
+            except Exception as exc:
+                for futures in batch.values():
+                    for f in futures:
+                        if not f.done():
+                            f.set_exception(exc)
+                continue
+            for key, futures in batch.items():
+                for f in futures:
+                    if not f.done():
+                        f.set_result(found[key])
+
+
 class Node:
     def __init__(
         self, config: NodeConfig, ledger: Ledger, broker: Broker, metrics: Metrics
@@ -87,6 +125,7 @@ class Node:
         self._loops: list[asyncio.Task[None]] = []
         self._last_heads: dict[str, int] = {}
         self._reconcile_now = asyncio.Event()
+        self._registrar = _Registrar(ledger, self._spawn)
         self.draining = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -186,18 +225,13 @@ class Node:
             self.hub.remove(client)
             raise
         try:
-            acked = await self.ledger.touch_device(client.user, client.device)
+            acked, head = await self._registrar.register(client.user, client.device)
         except BaseException:
             self._leave(client)
             raise
         # An ack still in the buffer (not flushed yet) counts: it was durable to the device.
         client.acked = acked = max(acked, self.cursors.pending_ack(client.user, client.device))
         if after is not None:
-            try:
-                head = (await self.ledger.heads([client.user])).get(client.user, 0)
-            except BaseException:
-                self._leave(client)
-                raise
             after = min(after, head)  # a resume point past the head would swallow new events
         client.position = acked if after is None else after
         client.send(
@@ -215,7 +249,7 @@ class Node:
             user_channel(client.user),
             encode_replace(Replace(client.user, client.device, _replace_key(client))),
         )
-        self._ensure_catch_up(client)
+        self._ensure_catch_up(client, known_head=head)
         return client.position
 
     def disconnect(self, client: Client) -> None:
@@ -383,33 +417,45 @@ class Node:
         ):
             client.send(d.frame, d.seq, d.created_at)
 
-    def _ensure_catch_up(self, client: Client) -> None:
+    def _ensure_catch_up(self, client: Client, known_head: int | None = None) -> None:
         client.catching_up = True
         task = client.catch_up_task
         if task is None or task.done():
-            client.catch_up_task = self._spawn(self._catch_up(client))
+            client.catch_up_task = self._spawn(self._catch_up(client, known_head))
 
-    async def _catch_up(self, client: Client) -> None:
-        """Send the ledger's events after ``client.position``, then the buffered live ones."""
+    async def _catch_up(self, client: Client, known_head: int | None = None) -> None:
+        """Send the ledger's events after ``client.position``, then the buffered live ones.
+
+        ``known_head`` is a head read after the subscription was made: a connection
+        already at it needs no backfill read (everything newer arrives live).
+        """
         backoff = 0.2
         page = max(1, min(self.config.backfill_page, self.config.send_queue_size // 2))
         while not client.closed:
             if client.queued + page > client.max_queue:
                 await client.wait_drained()  # a long backlog flows at the socket's pace
                 continue
-            self.metrics.catch_ups.inc()
-            try:
-                rows, head = await self.ledger.backfill(
-                    client.user, client.device, client.position, page
-                )
-            except LedgerUnavailable as exc:
-                # Keep the connection: it catches up as soon as the ledger answers.
-                log.warning(
-                    "catch-up of %s/%s waits for the ledger: %s", client.user, client.device, exc
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
+            rows: list[StoredEvent]
+            if known_head is not None and client.position >= known_head:
+                rows, head = [], known_head
+            else:
+                self.metrics.catch_ups.inc()
+                try:
+                    rows, head = await self.ledger.backfill(
+                        client.user, client.device, client.position, page
+                    )
+                except LedgerUnavailable as exc:
+                    # Keep the connection: it catches up as soon as the ledger answers.
+                    log.warning(
+                        "catch-up of %s/%s waits for the ledger: %s",
+                        client.user,
+                        client.device,
+                        exc,
+                    )
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+            known_head = None
             backoff = 0.2
             for ev in rows:
                 client.send(event_frame(ev), ev.seq)

@@ -144,6 +144,21 @@ _PG_ALLOCATE = text(
     " ON CONFLICT (user_id) DO UPDATE SET last_seq = streams.last_seq + EXCLUDED.last_seq"
     " RETURNING user_id, last_seq"
 )
+_PG_REGISTER = text(
+    "WITH up AS ("
+    " INSERT INTO devices (user_id, device_id, acked_seq, sent_seq, created_at, last_seen)"
+    " SELECT u, d, 0, 0, :now, :now"
+    " FROM unnest(CAST(:users AS text[]), CAST(:devices AS text[])) AS v(u, d)"
+    " ON CONFLICT (user_id, device_id) DO UPDATE SET last_seen = EXCLUDED.last_seen"
+    " RETURNING user_id, device_id, acked_seq)"
+    " SELECT up.user_id, up.device_id, up.acked_seq, COALESCE(s.last_seq, 0)"
+    " FROM up LEFT JOIN streams s ON s.user_id = up.user_id"
+)
+_sqlite_devices = sqlite.insert(devices)
+_SQLITE_REGISTER = _sqlite_devices.on_conflict_do_update(
+    index_elements=["user_id", "device_id"],
+    set_={"last_seen": _sqlite_devices.excluded.last_seen},
+).returning(devices.c.user_id, devices.c.device_id, devices.c.acked_seq)
 _SQLITE_INSERT_EVENTS = (
     sqlite.insert(events).on_conflict_do_nothing(index_elements=["id"]).returning(events.c.id)
 )
@@ -417,17 +432,60 @@ class Ledger:
         return found
 
     async def touch_device(self, user: str, device: str, now: int | None = None) -> int:
-        """Register a connecting device (or refresh it); answers its acked cursor."""
+        """Register one connecting device (or refresh it); answers its acked cursor."""
+        return (await self.register_devices([(user, device)], now))[(user, device)][0]
+
+    async def register_devices(
+        self, keys: Sequence[tuple[str, str]], now: int | None = None
+    ) -> dict[tuple[str, str], tuple[int, int]]:
+        """Register (or refresh) connecting devices in one transaction.
+
+        Answers ``(acked cursor, user's stream head)`` per ``(user, device)``: a device
+        whose resume point is at the head needs no backfill read at all.
+        """
         now = now_ms() if now is None else now
-        insert = self._insert()
-        stmt = insert(devices).values(
-            user_id=user, device_id=device, acked_seq=0, sent_seq=0, created_at=now, last_seen=now
-        )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["user_id", "device_id"], set_={"last_seen": now}
-        ).returning(devices.c.acked_seq)
+        keys = list(dict.fromkeys(keys))  # one row may be upserted once per statement
+        found: dict[tuple[str, str], tuple[int, int]] = {}
         async with self._tx() as conn:
-            return int((await conn.execute(stmt)).scalar_one())
+            for i in range(0, len(keys), _CHUNK):
+                chunk = keys[i : i + _CHUNK]
+                if self.dialect == "postgresql":
+                    result = await conn.execute(
+                        _PG_REGISTER,
+                        {
+                            "users": [u for u, _ in chunk],
+                            "devices": [d for _, d in chunk],
+                            "now": now,
+                        },
+                    )
+                    found.update({(r[0], r[1]): (int(r[2]), int(r[3])) for r in result})
+                    continue
+                acked = await conn.execute(
+                    _SQLITE_REGISTER,
+                    [
+                        {
+                            "user_id": u,
+                            "device_id": d,
+                            "acked_seq": 0,
+                            "sent_seq": 0,
+                            "created_at": now,
+                            "last_seen": now,
+                        }
+                        for u, d in chunk
+                    ],
+                )
+                cursors = {(r[0], r[1]): int(r[2]) for r in acked}
+                users = sorted({u for u, _ in chunk})
+                heads = {
+                    r[0]: int(r[1])
+                    for r in await conn.execute(
+                        select(streams.c.user_id, streams.c.last_seq).where(
+                            streams.c.user_id.in_(users)
+                        )
+                    )
+                }
+                found.update({k: (cursors[k], heads.get(k[0], 0)) for k in chunk})
+        return found
 
     async def flush_cursors(self, moves: Sequence[Cursor]) -> None:
         """Move many devices' cursors forward in one statement (never backward)."""

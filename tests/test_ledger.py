@@ -127,3 +127,15 @@ async def test_prune_removes_only_old_events(ledger: Ledger) -> None:
     assert await ledger.prune(before=2) >= 1
     rows, head = await ledger.backfill(user, "d", 0, 10, now=1)
     assert [r.seq for r in rows] == [2] and head == 2
+
+
+async def test_register_devices_in_one_batch(ledger: Ledger) -> None:
+    a, b = unique(), unique()
+    await ledger.record([ev(a), ev(a), ev(a)])
+    await ledger.flush_cursors([])  # nothing to do
+    first = await ledger.register_devices([(a, "p1"), (a, "p2"), (b, "p1"), (a, "p1")], now=5)
+    assert first == {(a, "p1"): (0, 3), (a, "p2"): (0, 3), (b, "p1"): (0, 0)}
+    await ledger.flush_cursors([Cursor(a, "p1", 2, 2, 6)])
+    again = await ledger.register_devices([(a, "p1")], now=7)
+    assert again == {(a, "p1"): (2, 3)}
+    assert [d.last_seen for d in await ledger.devices(a)] == [7, 5]
