@@ -91,11 +91,20 @@ def _backoff(attempt: int) -> float:
 class Publisher:
     """Synchronous publisher (thread-safe; one per process is enough)."""
 
-    def __init__(self, url: str, api_key: str, *, timeout: float = 5.0, retries: int = 4) -> None:
+    def __init__(
+        self,
+        url: str,
+        api_key: str,
+        *,
+        timeout: float = 5.0,
+        retries: int = 4,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         self._client = httpx.Client(
             base_url=url.rstrip("/"),
             headers={"Authorization": f"Bearer {api_key}"},
             timeout=timeout,
+            transport=transport,
         )
         self.retries = retries
 
@@ -136,11 +145,20 @@ class Publisher:
 class AsyncPublisher:
     """Asyncio publisher; use ``async with`` or call :meth:`aclose`."""
 
-    def __init__(self, url: str, api_key: str, *, timeout: float = 5.0, retries: int = 4) -> None:
+    def __init__(
+        self,
+        url: str,
+        api_key: str,
+        *,
+        timeout: float = 5.0,
+        retries: int = 4,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self._client = httpx.AsyncClient(
             base_url=url.rstrip("/"),
             headers={"Authorization": f"Bearer {api_key}"},
             timeout=timeout,
+            transport=transport,
         )
         self.retries = retries
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +95,33 @@ async def test_presence_and_stats_are_cluster_wide(nodes: list[ServerProcess]) -
     await until(p2_gone, timeout=10)
     for p in phones[:2]:
         await p.close()
+
+
+async def test_workers_share_one_port_as_nodes(
+    postgres_url: str, cluster_redis: str, tmp_path: Path
+) -> None:
+    server = ServerProcess(
+        postgres_url,
+        tmp_path,
+        redis_url=cluster_redis,
+        workers=2,
+        env={"COURIER_PRESENCE_SECONDS": "0.5"},
+    ).start()
+    try:
+        (user,) = users(1)
+        phones = [await Device.connect(server, user, f"p{i}") for i in range(8)]
+        assert len({p.hello["node"] for p in phones}) == 2  # both workers hold phones
+
+        async def two_nodes() -> bool:
+            stats = (await server.get("/v1/stats", key=OPS_TOKEN)).json()
+            return len(stats["nodes"]) == 2 and stats["cluster_connections"] == 8
+
+        await until(two_nodes, timeout=10)
+        results = [await server.publish(user) for _ in range(3)]  # through either worker
+        for p in phones:
+            assert [e["seq"] for e in await p.events(3)] == [r["seq"] for r in results]
+        server.signal(signal.SIGTERM)
+        assert await asyncio.gather(*(p.closed_with() for p in phones)) == [1012] * 8
+        assert server.wait(30) == 0
+    finally:
+        server.kill()
