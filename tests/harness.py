@@ -7,6 +7,7 @@ free loopback port, and devices are ``websockets`` clients over real sockets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -97,6 +98,7 @@ class ServerProcess:
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: kill() reaches every worker
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -137,8 +139,12 @@ class ServerProcess:
             raise
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+        """SIGKILL the server and every worker process it started."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc.poll() is None:
             self.proc.wait(10)
 
     # -- HTTP helpers -------------------------------------------------------------------

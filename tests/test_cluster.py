@@ -98,30 +98,35 @@ async def test_presence_and_stats_are_cluster_wide(nodes: list[ServerProcess]) -
 
 
 async def test_workers_share_one_port_as_nodes(
-    postgres_url: str, cluster_redis: str, tmp_path: Path
+    postgres_url: str, redis_url: str, tmp_path: Path
 ) -> None:
+    # A Redis db of its own: the module's three-node cluster must not show in its stats.
     server = ServerProcess(
         postgres_url,
         tmp_path,
-        redis_url=cluster_redis,
+        redis_url=fresh_redis_db(redis_url, 5),
         workers=2,
         env={"COURIER_PRESENCE_SECONDS": "0.5"},
     ).start()
+    phones: list[Device] = []
     try:
         (user,) = users(1)
-        phones = [await Device.connect(server, user, f"p{i}") for i in range(8)]
-        assert len({p.hello["node"] for p in phones}) == 2  # both workers hold phones
 
-        async def two_nodes() -> bool:
+        async def nodes_with(connections: int) -> bool:
             stats = (await server.get("/v1/stats", key=OPS_TOKEN)).json()
-            return len(stats["nodes"]) == 2 and stats["cluster_connections"] == 8
+            return len(stats["nodes"]) == 2 and stats["cluster_connections"] == connections
 
-        await until(two_nodes, timeout=10)
+        await until(lambda: nodes_with(0), timeout=20)  # both workers are up (and accepting)
+        phones = [await Device.connect(server, user, f"p{i}") for i in range(40)]
+        assert len({p.hello["node"] for p in phones}) == 2  # the kernel gave both some phones
+        await until(lambda: nodes_with(40), timeout=10)
         results = [await server.publish(user) for _ in range(3)]  # through either worker
         for p in phones:
             assert [e["seq"] for e in await p.events(3)] == [r["seq"] for r in results]
         server.signal(signal.SIGTERM)
-        assert await asyncio.gather(*(p.closed_with() for p in phones)) == [1012] * 8
+        assert await asyncio.gather(*(p.closed_with() for p in phones)) == [1012] * 40
         assert server.wait(30) == 0
     finally:
+        for p in phones:
+            await p.close()
         server.kill()
