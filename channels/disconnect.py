@@ -18,6 +18,7 @@ class Disconnect:
     reconnect: bool = True
 
 
+INTERNAL = Disconnect(1011, "internal error")
 RESTART = Disconnect(1012, "service restart")
 TRY_AGAIN = Disconnect(1013, "try again later: ledger unavailable")
 TOKEN_EXPIRED = Disconnect(4001, "token expired", reconnect=False)

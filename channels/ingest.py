@@ -12,9 +12,9 @@ node id. Guarantees:
   ``courier:ingest:dead`` with ``event``, ``reason`` and ``entry`` and acknowledged
   in the same ``MULTI``: never retried forever, never silently dropped.
 * While the ledger is unreachable nothing is acknowledged: the consumer backs off
-  and retries the same entries (they stay in its pending list). If the ledger is
-  reachable but refuses a batch, the batch is split to find the entry it refuses,
-  which goes to the dead stream after a few attempts.
+  and retries the same entries (they stay in its pending list). If the ledger
+  refuses the data itself (a data or integrity error, which no retry changes), the
+  batch is split to find the entry it refuses, and that entry goes to the dead stream.
 * Entries a dead consumer read but never acknowledged are taken over with
   ``XAUTOCLAIM`` once idle longer than ``claim_seconds``.
 * One node at a time records (a leader lease, ``<stream>:leader``, renewed while it
@@ -41,7 +41,7 @@ from redis.exceptions import RedisError, ResponseError
 from channels.metrics import Metrics
 from channels.node import Node
 from channels.redis import backoff_delay
-from models.ledger import LedgerUnavailable, NewEvent
+from models.ledger import LedgerRefused, LedgerUnavailable, NewEvent
 from server.api import InputError, parse_event
 from server.services import Limits
 
@@ -51,8 +51,6 @@ STREAM = "courier:ingest"
 GROUP = "courier"
 READ_COUNT = 500
 BLOCK_MS = 1000
-REFUSED_ATTEMPTS = 3
-"""Attempts of a single entry the (reachable) ledger refuses before it is dead-lettered."""
 
 
 class LeaseLost(Exception):
@@ -279,6 +277,8 @@ class StreamConsumer:
 
     async def process(self, entries: Sequence[tuple[Any, Any]]) -> None:
         """Dead-letter the malformed entries, record the others, acknowledge each after."""
+        if not await self.renew_lease():
+            raise LeaseLost()  # another node records now: leave these pending for it
         parsed = [self._parse(_text(entry_id), fields) for entry_id, fields in entries]
         bad = [e for e in parsed if e.event is None]
         good = [e for e in parsed if e.event is not None]
@@ -296,14 +296,16 @@ class StreamConsumer:
         raw = raw if isinstance(raw, bytes) else str(raw).encode()
         try:
             obj = msgspec.json.decode(raw)
-        except msgspec.DecodeError as exc:
-            return _Entry(entry_id, raw, None, f"event is not valid JSON: {exc}")
+        except (msgspec.DecodeError, RecursionError) as exc:
+            return _Entry(entry_id, raw, None, f"event is not valid JSON: {exc!r}")
         if isinstance(obj, dict) and obj.get("id") is None:
             obj["id"] = f"xadd-{entry_id}"  # deterministic: a re-read cannot record it twice
         try:
             event = parse_event(obj, "", self.limits)
         except InputError as exc:
             return _Entry(entry_id, raw, None, f"{exc.field}: {exc.message}")
+        except (RecursionError, ValueError, TypeError) as exc:  # never block the stream
+            return _Entry(entry_id, raw, None, f"event cannot be read: {exc!r}")
         return _Entry(entry_id, raw, event, None)
 
     async def _dead_letter(self, bad: Sequence[_Entry], reason: str | None = None) -> None:
@@ -329,28 +331,32 @@ class StreamConsumer:
             )
 
     async def _record(self, good: Sequence[_Entry]) -> None:
-        """Record ``good`` in one transaction and ack it; retry while the ledger is down."""
+        """Record ``good`` in one transaction and ack it.
+
+        While the ledger is unavailable nothing is acknowledged and the same entries
+        are retried (holding the lease). Only a refusal of the data itself, which no
+        retry can change, sends entries to the dead stream, and the batch is split
+        first so that only the refused entry goes there.
+        """
         attempt = 0
         while True:
             try:
                 await self.node.publish([e.event for e in good if e.event is not None])
+            except LedgerRefused as exc:
+                if len(good) > 1:
+                    mid = len(good) // 2
+                    log.warning(
+                        "ledger refused a batch of %d ingest entries (%s); splitting it",
+                        len(good),
+                        exc,
+                    )
+                    await self._record(good[:mid])
+                    await self._record(good[mid:])
+                    return
+                await self._dead_letter(good, f"the ledger refused the event: {exc}")
+                return
             except LedgerUnavailable as exc:
                 attempt += 1
-                if await self._ledger_reachable():
-                    # The ledger answers but refuses this batch: find the entry it refuses.
-                    if len(good) > 1:
-                        mid = len(good) // 2
-                        log.warning(
-                            "ledger refused a batch of %d ingest entries (%s); splitting it",
-                            len(good),
-                            exc,
-                        )
-                        await self._record(good[:mid])
-                        await self._record(good[mid:])
-                        return
-                    if attempt >= REFUSED_ATTEMPTS:
-                        await self._dead_letter(good, f"the ledger refused the event: {exc}")
-                        return
                 delay = backoff_delay(attempt)
                 log.warning(
                     "ledger unavailable for %d ingest entries (%s); not acknowledged, "
@@ -367,13 +373,6 @@ class StreamConsumer:
             break
         await self.client.xack(self.stream, self.group, *[e.entry_id for e in good])
         self.recorded += len(good)
-
-    async def _ledger_reachable(self) -> bool:
-        try:
-            await asyncio.wait_for(self.node.ledger.ping(), 5.0)
-        except (LedgerUnavailable, TimeoutError):
-            return False
-        return True
 
 
 def _stream_entries(reply: Any) -> list[tuple[Any, Any]]:

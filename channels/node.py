@@ -29,7 +29,7 @@ from typing import Any
 from channels.broker import Broker, user_channel
 from channels.client import Client
 from channels.cursors import CursorBuffer
-from channels.disconnect import REPLACED, RESTART, SLOW, Disconnect
+from channels.disconnect import INTERNAL, REPLACED, RESTART, SLOW, Disconnect
 from channels.frames import (
     Delivery,
     Replace,
@@ -48,6 +48,11 @@ log = logging.getLogger("courier.node")
 
 MAX_PENDING = 10_000
 """Live events buffered per connection while it catches up; past this it re-reads the ledger."""
+
+GAP_GRACE = 0.05
+"""Seconds to wait for a missing seq before reading the ledger: messages of two
+publishers can pass each other on the bus, and only a message still missing
+after this is taken as lost."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +314,7 @@ class Node:
         try:
             await asyncio.shield(sub.ready)
         except BaseException:
-            self._release(user)
+            self._release(user, sub)
             raise
 
     async def _subscribe(self, user: str, sub: _Subscription) -> None:
@@ -322,9 +327,11 @@ class Node:
         else:
             sub.ready.set_result(None)
 
-    def _release(self, user: str) -> None:
+    def _release(self, user: str, taken: _Subscription | None = None) -> None:
+        """Drop one reference; ``taken`` is the subscription it was taken on, if known
+        (after a failed subscribe the entry may already be a newer one: leave that alone)."""
         sub = self._subs.get(user)
-        if sub is None:
+        if sub is None or (taken is not None and sub is not taken):
             return
         sub.refs -= 1
         if sub.refs > 0:
@@ -406,10 +413,11 @@ class Node:
         if d.seq <= client.position:
             return  # already given (backfill or a repeated bus message)
         if d.seq != client.position + 1:
-            # A hole in the user's stream: the bus lost a message. The ledger has it.
+            # A hole in the user's stream: a message overtaken on the bus, or lost. The
+            # ledger has it if it does not arrive within the grace period.
             client.catching_up = True
             client.pending.append(d)
-            self._ensure_catch_up(client)
+            self._ensure_catch_up(client, grace=GAP_GRACE)
             return
         client.position = d.seq
         if (d.device is None or d.device == client.device) and (
@@ -417,11 +425,40 @@ class Node:
         ):
             client.send(d.frame, d.seq, d.created_at)
 
-    def _ensure_catch_up(self, client: Client, known_head: int | None = None) -> None:
+    def _ensure_catch_up(
+        self, client: Client, known_head: int | None = None, grace: float = 0.0
+    ) -> None:
         client.catching_up = True
         task = client.catch_up_task
         if task is None or task.done():
-            client.catch_up_task = self._spawn(self._catch_up(client, known_head))
+            client.catch_up_task = self._spawn(self._guarded_catch_up(client, known_head, grace))
+
+    async def _guarded_catch_up(self, client: Client, known_head: int | None, grace: float) -> None:
+        try:
+            if grace:
+                await asyncio.sleep(grace)
+                if self._replay_pending(client):
+                    return  # the missing message arrived meanwhile: no ledger read
+            await self._catch_up(client, known_head)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Never leave a connection stuck in catch-up: it resumes from the ledger.
+            log.exception("catch-up of %s failed; closing it", client.conn_id)
+            client.close(INTERNAL)
+
+    def _replay_pending(self, client: Client) -> bool:
+        """Deliver the buffered live events in seq order; True if that closed every gap."""
+        pending, client.pending = client.pending, []
+        overflow, client.pending_overflow = client.pending_overflow, False
+        client.catching_up = False
+        pending.sort(key=_seq)
+        now = now_ms()
+        for d in pending:
+            self._deliver(client, d, now)
+        if overflow:
+            client.catching_up = True
+        return not client.catching_up
 
     async def _catch_up(self, client: Client, known_head: int | None = None) -> None:
         """Send the ledger's events after ``client.position``, then the buffered live ones.
@@ -463,16 +500,7 @@ class Node:
                 client.position = rows[-1].seq
                 continue
             client.position = max(client.position, head)
-            pending, client.pending = client.pending, []
-            overflow, client.pending_overflow = client.pending_overflow, False
-            client.catching_up = False
-            pending.sort(key=_seq)
-            now = now_ms()
-            for d in pending:
-                self._deliver(client, d, now)
-            if overflow:
-                client.catching_up = True
-            if not client.catching_up:
+            if self._replay_pending(client):
                 return
 
     # -- background loops ---------------------------------------------------------------------

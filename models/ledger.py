@@ -25,7 +25,7 @@ from typing import Any
 
 from sqlalchemy import event, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from models.tables import devices, events, streams
@@ -38,6 +38,10 @@ _CHUNK = 500  # rows per multi-row statement (well under both drivers' parameter
 
 class LedgerUnavailable(Exception):
     """The database could not be reached or did not answer; nothing was half-written."""
+
+
+class LedgerRefused(Exception):
+    """The database refused the data itself (retrying the same input cannot succeed)."""
 
 
 def now_ms() -> int:
@@ -217,6 +221,8 @@ class Ledger:
         try:
             async with self.engine.begin() as conn:
                 yield conn
+        except (DataError, IntegrityError) as exc:
+            raise LedgerRefused(_describe(exc)) from exc
         except (SQLAlchemyError, OSError, TimeoutError) as exc:
             raise LedgerUnavailable(_describe(exc)) from exc
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -11,12 +12,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from channels.frames import iso_ms
-from models.ledger import LedgerUnavailable, NewEvent, delivery_status, now_ms
+from models.ledger import LedgerRefused, LedgerUnavailable, NewEvent, delivery_status, now_ms
 from server.auth import IDENT, KIND
 from server.services import Limits, services_of
 
 _EVENT_FIELDS = frozenset({"user", "kind", "data", "id", "device", "ttl", "collapse"})
 MAX_ID = 200
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _key_ok(value: object) -> bool:
+    """An idempotency or collapse key: 1-200 characters, none of them a control character."""
+    return isinstance(value, str) and 1 <= len(value) <= MAX_ID and not _CONTROL.search(value)
 
 
 class InputError(Exception):
@@ -86,8 +93,10 @@ def parse_event(obj: Any, path: str, limits: Limits) -> NewEvent:
     event_id = obj.get("id")
     if event_id is None:
         event_id = "evt-" + uuid.uuid4().hex
-    elif not isinstance(event_id, str) or not 1 <= len(event_id) <= MAX_ID:
-        raise InputError(f"{path}id", f"id must be a string of 1-{MAX_ID} characters")
+    elif not _key_ok(event_id):
+        raise InputError(
+            f"{path}id", f"id must be a string of 1-{MAX_ID} characters, no control characters"
+        )
     ttl = obj.get("ttl")
     if ttl is not None and (
         isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= limits.max_ttl
@@ -96,8 +105,11 @@ def parse_event(obj: Any, path: str, limits: Limits) -> NewEvent:
             f"{path}ttl", f"ttl must be null or whole seconds from 1 to {limits.max_ttl}"
         )
     collapse = obj.get("collapse")
-    if collapse is not None and (not isinstance(collapse, str) or not 1 <= len(collapse) <= MAX_ID):
-        raise InputError(f"{path}collapse", f"collapse must be null or 1-{MAX_ID} characters")
+    if collapse is not None and not _key_ok(collapse):
+        raise InputError(
+            f"{path}collapse",
+            f"collapse must be null or 1-{MAX_ID} characters, no control characters",
+        )
     return NewEvent(
         id=event_id,
         user=user,
@@ -113,6 +125,10 @@ def parse_body(raw: bytes, limits: Limits) -> tuple[list[NewEvent], bool]:
     """The events of a publish body and whether it was a list."""
     try:
         body = msgspec.json.decode(raw)
+    except RecursionError:
+        raise InputError(
+            "$", "the body is nested too deeply", code="bad_json", status=400
+        ) from None
     except msgspec.DecodeError as exc:
         raise InputError(
             "$", f"the body is not valid JSON: {exc}", code="bad_json", status=400
@@ -157,6 +173,8 @@ async def publish(request: Request) -> Response:
         answers = await svc.node.publish(batch)
     except LedgerUnavailable as exc:
         return unavailable(exc)
+    except LedgerRefused as exc:
+        return error_response(422, "refused", f"the ledger refused the events: {exc}")
     items = [{"id": a.id, "seq": a.seq, "duplicate": a.duplicate} for a in answers]
     status = 200 if all(a.duplicate for a in answers) else 201
     return JSONResponse(items if is_list else items[0], status_code=status)
@@ -167,6 +185,8 @@ async def event_state(request: Request) -> Response:
     if not svc.auth.is_publisher(request.headers.get("authorization")):
         return unauthorized()
     event_id = request.path_params["id"]
+    if not _key_ok(event_id):
+        return error_response(404, "not_found", "no event with that id", "id")
     try:
         ev = await svc.node.ledger.get_event(event_id)
         if ev is None:
@@ -209,7 +229,10 @@ async def user_devices(request: Request) -> Response:
         devices = await svc.node.ledger.devices(user)
     except LedgerUnavailable as exc:
         return unavailable(exc)
-    connected = await svc.presence.connected_devices(user)
+    try:
+        connected = await svc.presence.connected_devices(user)
+    except Exception as exc:  # the cluster view (Redis) is down; the ledger part is fine
+        return error_response(503, "presence_unavailable", f"presence is unavailable: {exc}")
     return JSONResponse(
         {
             "user": user,

@@ -13,7 +13,7 @@ from starlette.websockets import WebSocket
 
 from channels.broker import BrokerUnavailable
 from channels.client import Client
-from channels.disconnect import RATE_LIMITED, TOKEN_EXPIRED, TRY_AGAIN, Disconnect
+from channels.disconnect import INTERNAL, RATE_LIMITED, TOKEN_EXPIRED, TRY_AGAIN, Disconnect
 from channels.frames import PONG, error_frame, in_frame_decoder
 from channels.node import Node
 from models.ledger import LedgerUnavailable
@@ -77,10 +77,15 @@ async def device_socket(websocket: WebSocket) -> None:
     peer_code: int | None = None
     try:
         done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-        if reader in done and not reader.cancelled() and reader.exception() is None:
-            peer_code = reader.result()
-            if client.disconnect is not None and not writer.done():
-                peer_code = None  # we had closed first: our code is the one to count
+        if reader in done and not reader.cancelled():
+            if reader.exception() is not None:
+                # A bug, not the device's fault: never leave a half-dead connection behind.
+                log.error("reader of %s failed", client.conn_id, exc_info=reader.exception())
+                client.close(INTERNAL)
+            else:
+                peer_code = reader.result()
+                if client.disconnect is not None and not writer.done():
+                    peer_code = None  # we had closed first: our code is the one to count
         if peer_code is None and not writer.done():
             # We are closing: let the writer flush the close frame (bounded by its abort timer).
             await asyncio.wait({writer})
@@ -129,7 +134,7 @@ async def _read(websocket: WebSocket, client: Client, node: Node) -> int | None:
             if _allowed(client):
                 client.send(error_frame("bad_frame", f"bad frame: {exc}"))
             continue
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             metrics.bad_frames.inc()
             if _allowed(client):
                 client.send(error_frame("bad_frame", "the frame is not valid JSON"))

@@ -254,6 +254,7 @@ async def test_bad_frames_get_errors_and_never_hurt_others(server: ServerProcess
         '{"type": "ack", "seq": -1}',
         '{"type": "nope"}',
         b"\x00\x01binary",
+        '{"type": "ping", "x": ' + "[" * 5000 + "]" * 5000 + "}",  # deeply nested, 10 KB
     ):
         await bad.send(frame)
         reply = await bad.frame()
@@ -311,6 +312,8 @@ async def test_publish_validation_names_the_field(server: ServerProcess) -> None
         ({"user": "u", "kind": "k", "ttl": 0}, 422, "ttl"),
         ({"user": "u", "kind": "k", "ttl": True}, 422, "ttl"),
         ({"user": "u", "kind": "k", "id": ""}, 422, "id"),
+        ({"user": "u", "kind": "k", "id": "a\u0000b"}, 422, "id"),
+        ({"user": "u", "kind": "k", "collapse": "p\nq"}, 422, "collapse"),
         ({"user": "u", "kind": "k", "device": 5}, 422, "device"),
         ({"user": "u", "kind": "k", "collapse": "x" * 300}, 422, "collapse"),
         ({"user": "u", "kind": "k", "colapse": "typo"}, 422, "colapse"),
@@ -327,6 +330,9 @@ async def test_publish_validation_names_the_field(server: ServerProcess) -> None
         assert error["message"] and error["code"]
     not_json = await server.post(None, raw=b"{nope")
     assert not_json.status_code == 400 and not_json.json()["error"]["code"] == "bad_json"
+    nested = b'{"user": "u", "kind": "k", "data": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}"
+    deep = await server.post(None, raw=nested)
+    assert deep.status_code == 400 and deep.json()["error"]["code"] == "bad_json"
     assert (await server.post({"user": "u", "kind": "k"}, key="wrong")).status_code == 401
     assert (await server.post({"user": "u", "kind": "k"}, key=OPS_TOKEN)).status_code == 401
 
@@ -335,6 +341,7 @@ async def test_state_endpoints_need_a_key_and_answer_404(server: ServerProcess) 
     assert (await server.get("/v1/events/nope", key="wrong")).status_code == 401
     missing = await server.get(f"/v1/events/{unique()}")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert (await server.get("/v1/events/a%00b")).status_code == 404
     assert (await server.get("/v1/users/a%20b/devices")).status_code == 400
     assert (await server.get(f"/v1/users/{unique()}/devices")).json()["devices"] == []
 

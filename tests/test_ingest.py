@@ -74,10 +74,14 @@ async def test_malformed_entries_go_to_dead_stream_good_ones_are_recorded(env: E
         await env.xadd(other="no event field"),
         await env.xadd(ev(env.user, 3, kind="Not A Kind")),
         await env.xadd(["a", "list"]),
+        await env.xadd(
+            '{"user": "u", "kind": "k", "data": {"a": ' + "[" * 5000 + "]" * 5000 + "}}"
+        ),
+        await env.xadd(ev(env.user, 4, id="nul\u0000in-id")),
     ]
     good_ids.append(await env.xadd({"user": env.user, "kind": "plan.changed"}))  # no id
 
-    assert await consumer.read_once() == 7
+    assert await consumer.read_once() == 9
 
     events = await env.events()
     assert [e.id for e in events] == [f"{env.user}-1", f"{env.user}-2", f"xadd-{good_ids[2]}"]
@@ -89,10 +93,12 @@ async def test_malformed_entries_go_to_dead_stream_good_ones_are_recorded(env: E
     assert "no field 'event'" in reasons[1]
     assert reasons[2].startswith("kind")
     assert reasons[3].startswith("$")
+    assert "not valid JSON" in reasons[4]  # nested too deeply: refused, never retried forever
+    assert reasons[5].startswith("id")
     assert dead[0][1][b"event"] == b"{not json"
     pending = await env.redis.xpending(env.stream, "courier")
     assert pending["pending"] == 0
-    assert consumer.recorded == 3 and consumer.dead == 4
+    assert consumer.recorded == 3 and consumer.dead == 6
 
     await consumer.update_lag()
     assert env.node.metrics.ingest_lag._value.get() == 0
@@ -155,7 +161,9 @@ def _url(client: aioredis.Redis) -> str:
 async def test_ledger_down_leaves_entries_pending_until_it_is_back(env: Env) -> None:
     down = Ledger.from_url("postgresql+asyncpg://postgres@127.0.0.1:1/nothing")
     node = Node(NodeConfig(node_id="down"), down, MemoryBroker(), Metrics())
-    stuck = StreamConsumer(env.redis, node, LIMITS, consumer="stuck", stream=env.stream)
+    stuck = StreamConsumer(
+        env.redis, node, LIMITS, consumer="stuck", stream=env.stream, lease_seconds=1.5
+    )
     await stuck.ensure_group()
     entry = await env.xadd(ev(env.user, 1))
     task = asyncio.create_task(stuck.read_once())
@@ -172,7 +180,9 @@ async def test_ledger_down_leaves_entries_pending_until_it_is_back(env: Env) -> 
         await down.close()
     # The ledger is back (another node with a working one): the entry is taken over.
     rescuer = env.consumer("rescuer", claim_seconds=0.01)
-    await asyncio.sleep(0.05)  # the claim threshold itself (not a synchronisation)
+    # The stuck consumer still holds the ingest lease: nobody else may record until it lapses.
+    assert not await rescuer.renew_lease()
+    await asyncio.sleep(1.6)  # the lease and claim thresholds themselves (not a synchronisation)
     assert await rescuer.claim_once() == 1
     assert [e.id for e in await env.events()] == [f"{env.user}-1"]
     assert (await env.redis.xpending(env.stream, "courier"))["pending"] == 0

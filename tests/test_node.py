@@ -197,3 +197,68 @@ async def test_long_backlog_flows_through_a_small_queue(
         small.disconnect(client)
     finally:
         await small.stop()
+
+
+async def test_failed_subscribe_does_not_drop_a_newer_connections_reference(
+    ledger: Ledger,
+) -> None:
+    class FailFirst(MemoryBroker):
+        failed = False
+
+        async def subscribe(self, channels: Iterable[str]) -> None:
+            if not self.failed:
+                self.failed = True
+                raise ConnectionError("bus down")
+            await super().subscribe(channels)
+
+    broker = FailFirst()
+    n = Node(NodeConfig(node_id="r", reconcile_seconds=3600), ledger, broker, Metrics())
+    await n.start()
+    try:
+        user = unique()
+        first = asyncio.create_task(n._acquire(user))
+        await asyncio.sleep(0)  # A creates the subscription and waits on it
+        second = asyncio.create_task(n._acquire(user))
+        await asyncio.sleep(0)  # the subscribe fails; C arrives before A sees the failure
+        with pytest.raises(ConnectionError):
+            await first
+        await second
+        assert n._subs[user].refs == 1  # C's reference survived A's rollback
+        assert broker.channels == {f"courier:u:{{{user}}}"}
+    finally:
+        await n.stop()
+
+
+async def test_overtaken_bus_message_needs_no_ledger_read(ledger: Ledger) -> None:
+    class Swapping(MemoryBroker):
+        """While ``swap`` is set, delivers each pair of publishes in reverse order."""
+
+        swap = False
+        held: tuple[str, bytes] | None = None
+
+        async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+            for m in messages:
+                if not self.swap:
+                    await super().publish_many([m])
+                elif self.held is None:
+                    self.held = m
+                else:
+                    held, self.held = self.held, None
+                    await super().publish_many([m, held])
+
+    broker = Swapping()
+    n = Node(NodeConfig(node_id="s", reconcile_seconds=3600), ledger, broker, Metrics())
+    await n.start()
+    try:
+        user = unique()
+        client, sink = await connect(n, user)
+        assert await settled(client, sink, 0) == []
+        reads = n.metrics.catch_ups._value.get()
+        broker.swap = True
+        await n.publish([ev(user)])
+        await n.publish([ev(user)])  # seq 2 reaches the node before seq 1
+        assert await settled(client, sink, 2) == [1, 2]
+        assert n.metrics.catch_ups._value.get() == reads  # resolved within the grace period
+        n.disconnect(client)
+    finally:
+        await n.stop()
