@@ -398,8 +398,17 @@ class Node:
 
     def _on_replace(self, r: Replace) -> None:
         client = self.hub.device(r.user, r.device)
-        if client is not None and _replace_key(client) < r.conn:
+        if client is None or client.closed:
+            return
+        mine = _replace_key(client)
+        if mine < r.conn:
             client.close(REPLACED)
+        elif mine > r.conn:
+            # An older connection announced itself, perhaps before this node's announcement
+            # could reach its node: announce again so that it learns it was replaced.
+            self._publish_soon(
+                user_channel(r.user), encode_replace(Replace(r.user, r.device, mine))
+            )
 
     def _deliver(self, client: Client, d: Delivery, now: int) -> None:
         if client.closed:

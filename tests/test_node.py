@@ -262,3 +262,29 @@ async def test_overtaken_bus_message_needs_no_ledger_read(ledger: Ledger) -> Non
         n.disconnect(client)
     finally:
         await n.stop()
+
+
+async def test_newer_connection_answers_an_older_announcement(
+    node: Node, broker: LossyBroker
+) -> None:
+    from channels.broker import user_channel
+    from channels.frames import Replace, decode_bus, encode_replace
+
+    user = unique()
+    client, sink = await connect(node, user, "d1")
+    assert await settled(client, sink, 0) == []
+    sent: list[bytes] = []
+    original = broker.publish_many
+
+    async def record(messages: Sequence[tuple[str, bytes]]) -> None:
+        sent.extend(payload for _, payload in messages)
+        await original(messages)
+
+    broker.publish_many = record  # type: ignore[method-assign]
+    # Another node's older connection of the same device announces itself late.
+    older = Replace(user, "d1", "000000000000001/elsewhere:1")
+    node._on_message(user_channel(user), encode_replace(older))
+    await asyncio.wait_for(asyncio.gather(*node._tasks), 5)
+    assert not client.closed  # the newer one stays
+    answers = [decode_bus(p) for p in sent]
+    assert answers and isinstance(answers[0], Replace) and answers[0].conn > older.conn
