@@ -38,7 +38,11 @@ def event_frame(ev: StoredEvent) -> str:
     ).decode()
 
 
-def hello_frame(user: str, device: str, after: int, heartbeat: float, node: str) -> str:
+def hello_frame(
+    user: str, device: str, after: int, heartbeat: float, node: str, truncated: bool = False
+) -> str:
+    """``truncated``: events after ``after`` were deleted by retention before this device
+    got them (it was away longer than the retention period): resync from the backend."""
     return msgspec.json.encode(
         {
             "type": "hello",
@@ -47,6 +51,7 @@ def hello_frame(user: str, device: str, after: int, heartbeat: float, node: str)
             "after": after,
             "heartbeat": int(heartbeat) if float(heartbeat).is_integer() else heartbeat,
             "node": node,
+            "truncated": truncated,
         }
     ).decode()
 

@@ -42,7 +42,15 @@ from channels.frames import (
 )
 from channels.hub import Hub
 from channels.metrics import Metrics
-from models.ledger import Ledger, LedgerUnavailable, NewEvent, Recorded, StoredEvent, now_ms
+from models.ledger import (
+    Ledger,
+    LedgerUnavailable,
+    NewEvent,
+    Recorded,
+    Registration,
+    StoredEvent,
+    now_ms,
+)
 
 log = logging.getLogger("courier.node")
 
@@ -86,12 +94,12 @@ class _Registrar:
     ) -> None:
         self.ledger = ledger
         self._spawn = spawn
-        self._waiting: dict[tuple[str, str], list[asyncio.Future[tuple[int, int]]]] = {}
+        self._waiting: dict[tuple[str, str], list[asyncio.Future[Registration]]] = {}
         self._task: asyncio.Task[None] | None = None
 
-    async def register(self, user: str, device: str) -> tuple[int, int]:
-        """``(acked cursor, user's head)``; raises ``LedgerUnavailable``."""
-        future: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+    async def register(self, user: str, device: str) -> Registration:
+        """Raises ``LedgerUnavailable``."""
+        future: asyncio.Future[Registration] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault((user, device), []).append(future)
         if self._task is None or self._task.done():
             self._task = self._spawn(self._run())
@@ -230,12 +238,13 @@ class Node:
             self.hub.remove(client)
             raise
         try:
-            acked, head = await self._registrar.register(client.user, client.device)
+            reg = await self._registrar.register(client.user, client.device)
         except BaseException:
             self._leave(client)
             raise
+        head = reg.head
         # An ack still in the buffer (not flushed yet) counts: it was durable to the device.
-        client.acked = acked = max(acked, self.cursors.pending_ack(client.user, client.device))
+        client.acked = acked = max(reg.acked, self.cursors.pending_ack(client.user, client.device))
         if after is not None:
             after = min(after, head)  # a resume point past the head would swallow new events
         client.position = acked if after is None else after
@@ -246,6 +255,7 @@ class Node:
                 client.position,
                 self.config.heartbeat_seconds,
                 self.config.node_id,
+                truncated=client.position < reg.pruned,
             )
         )
         self.metrics.connects.inc()

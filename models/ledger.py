@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, func, or_, select, text, update
+from sqlalchemy import bindparam, event, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -98,6 +98,15 @@ class Cursor:
 
 
 @dataclass(frozen=True, slots=True)
+class Registration:
+    """A connecting device's acked cursor and its user's stream head and pruned seq."""
+
+    acked: int
+    head: int
+    pruned: int
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceState:
     user: str
     device: str
@@ -155,7 +164,8 @@ _PG_REGISTER = text(
     " FROM unnest(CAST(:users AS text[]), CAST(:devices AS text[])) AS v(u, d)"
     " ON CONFLICT (user_id, device_id) DO UPDATE SET last_seen = EXCLUDED.last_seen"
     " RETURNING user_id, device_id, acked_seq)"
-    " SELECT up.user_id, up.device_id, up.acked_seq, COALESCE(s.last_seq, 0)"
+    " SELECT up.user_id, up.device_id, up.acked_seq, COALESCE(s.last_seq, 0),"
+    " COALESCE(s.pruned_seq, 0)"
     " FROM up LEFT JOIN streams s ON s.user_id = up.user_id"
 )
 _sqlite_devices = sqlite.insert(devices)
@@ -439,19 +449,20 @@ class Ledger:
 
     async def touch_device(self, user: str, device: str, now: int | None = None) -> int:
         """Register one connecting device (or refresh it); answers its acked cursor."""
-        return (await self.register_devices([(user, device)], now))[(user, device)][0]
+        return (await self.register_devices([(user, device)], now))[(user, device)].acked
 
     async def register_devices(
         self, keys: Sequence[tuple[str, str]], now: int | None = None
-    ) -> dict[tuple[str, str], tuple[int, int]]:
+    ) -> dict[tuple[str, str], Registration]:
         """Register (or refresh) connecting devices in one transaction.
 
-        Answers ``(acked cursor, user's stream head)`` per ``(user, device)``: a device
-        whose resume point is at the head needs no backfill read at all.
+        Answers the acked cursor, the user's stream head and pruned seq per
+        ``(user, device)``: a device whose resume point is at the head needs no backfill
+        read at all, and one below the pruned seq missed events to retention.
         """
         now = now_ms() if now is None else now
         keys = list(dict.fromkeys(keys))  # one row may be upserted once per statement
-        found: dict[tuple[str, str], tuple[int, int]] = {}
+        found: dict[tuple[str, str], Registration] = {}
         async with self._tx() as conn:
             for i in range(0, len(keys), _CHUNK):
                 chunk = keys[i : i + _CHUNK]
@@ -464,7 +475,12 @@ class Ledger:
                             "now": now,
                         },
                     )
-                    found.update({(r[0], r[1]): (int(r[2]), int(r[3])) for r in result})
+                    found.update(
+                        {
+                            (r[0], r[1]): Registration(int(r[2]), int(r[3]), int(r[4]))
+                            for r in result
+                        }
+                    )
                     continue
                 acked = await conn.execute(
                     _SQLITE_REGISTER,
@@ -483,14 +499,14 @@ class Ledger:
                 cursors = {(r[0], r[1]): int(r[2]) for r in acked}
                 users = sorted({u for u, _ in chunk})
                 heads = {
-                    r[0]: int(r[1])
+                    r[0]: (int(r[1]), int(r[2]))
                     for r in await conn.execute(
-                        select(streams.c.user_id, streams.c.last_seq).where(
+                        select(streams.c.user_id, streams.c.last_seq, streams.c.pruned_seq).where(
                             streams.c.user_id.in_(users)
                         )
                     )
                 }
-                found.update({k: (cursors[k], heads.get(k[0], 0)) for k in chunk})
+                found.update({k: Registration(cursors[k], *heads.get(k[0], (0, 0))) for k in chunk})
         return found
 
     async def flush_cursors(self, moves: Sequence[Cursor]) -> None:
@@ -564,8 +580,32 @@ class Ledger:
             return [DeviceState(*r) for r in await conn.execute(stmt)]
 
     async def prune(self, before: int) -> int:
-        """Delete events created before ``before`` (ms); answers how many."""
+        """Delete events created before ``before`` (ms); answers how many.
+
+        Each user's ``pruned_seq`` keeps the highest seq deleted, so a device that
+        resumes below it is told that events it never got are gone.
+        """
         async with self._tx() as conn:
+            gone = [
+                {"user": r[0], "seq": int(r[1])}
+                for r in await conn.execute(
+                    select(events.c.user_id, func.max(events.c.seq))
+                    .where(events.c.created_at < before)
+                    .group_by(events.c.user_id)
+                )
+            ]
+            if not gone:
+                return 0
+            await conn.execute(
+                update(streams)
+                .where(streams.c.user_id == bindparam("user"))
+                .values(pruned_seq=func.max(streams.c.pruned_seq, bindparam("seq")))
+                if self.dialect == "sqlite"
+                else update(streams)
+                .where(streams.c.user_id == bindparam("user"))
+                .values(pruned_seq=func.greatest(streams.c.pruned_seq, bindparam("seq"))),
+                gone,
+            )
             result = await conn.execute(events.delete().where(events.c.created_at < before))
             return int(getattr(result, "rowcount", 0) or 0)
 

@@ -18,6 +18,8 @@ streams = Table(
     metadata,
     Column("user_id", String(128), primary_key=True),
     Column("last_seq", BigInteger, nullable=False),
+    # The highest seq deleted by retention: a device resuming below it missed events.
+    Column("pruned_seq", BigInteger, nullable=False, server_default="0"),
 )
 
 events = Table(

@@ -120,13 +120,20 @@ async def test_delivery_status_per_device(ledger: Ledger) -> None:
     assert await ledger.get_event(unique()) is None
 
 
-async def test_prune_removes_only_old_events(ledger: Ledger) -> None:
-    user = unique()
-    await ledger.record([ev(user)], now=1)
+async def test_prune_removes_only_old_events_and_keeps_the_pruned_seq(ledger: Ledger) -> None:
+    user, other = unique(), unique()
+    await ledger.record([ev(user), ev(user), ev(other)], now=1)
     await ledger.record([ev(user)], now=10**13)
-    assert await ledger.prune(before=2) >= 1
+    assert await ledger.prune(before=2) >= 3
     rows, head = await ledger.backfill(user, "d", 0, 10, now=1)
-    assert [r.seq for r in rows] == [2] and head == 2
+    assert [r.seq for r in rows] == [3] and head == 3
+    nobody = unique()
+    reg = await ledger.register_devices([(user, "d"), (other, "d"), (nobody, "d")])
+    assert {k[0]: (r.head, r.pruned) for k, r in reg.items()} == {
+        user: (3, 2),
+        other: (1, 1),
+        nobody: (0, 0),
+    }
 
 
 async def test_register_devices_in_one_batch(ledger: Ledger) -> None:
@@ -134,8 +141,12 @@ async def test_register_devices_in_one_batch(ledger: Ledger) -> None:
     await ledger.record([ev(a), ev(a), ev(a)])
     await ledger.flush_cursors([])  # nothing to do
     first = await ledger.register_devices([(a, "p1"), (a, "p2"), (b, "p1"), (a, "p1")], now=5)
-    assert first == {(a, "p1"): (0, 3), (a, "p2"): (0, 3), (b, "p1"): (0, 0)}
+    assert {k: (r.acked, r.head) for k, r in first.items()} == {
+        (a, "p1"): (0, 3),
+        (a, "p2"): (0, 3),
+        (b, "p1"): (0, 0),
+    }
     await ledger.flush_cursors([Cursor(a, "p1", 2, 2, 6)])
     again = await ledger.register_devices([(a, "p1")], now=7)
-    assert again == {(a, "p1"): (2, 3)}
+    assert {k: (r.acked, r.head) for k, r in again.items()} == {(a, "p1"): (2, 3)}
     assert [d.last_seen for d in await ledger.devices(a)] == [7, 5]

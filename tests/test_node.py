@@ -288,3 +288,21 @@ async def test_newer_connection_answers_an_older_announcement(
     assert not client.closed  # the newer one stays
     answers = [decode_bus(p) for p in sent]
     assert answers and isinstance(answers[0], Replace) and answers[0].conn > older.conn
+
+
+async def test_hello_says_when_retention_deleted_what_the_device_missed(node: Node) -> None:
+    user = unique()
+    fresh, _ = await connect(node, user, "fresh")
+    node.ack(fresh, 0)
+    node.disconnect(fresh)
+    await node.ledger.record([ev(user), ev(user)], now=1)  # long ago
+    await node.ledger.prune(before=2)
+    await node.publish([ev(user)])
+    away, sink = await connect(node, user, "away")  # acked nothing: it missed 1 and 2
+    assert await settled(away, sink, 1) == [3]
+    assert sink.frames()[0]["truncated"] is True
+    node.disconnect(away)
+    current, sink2 = await connect(node, user, "current", after=2)
+    assert await settled(current, sink2, 1) == [3]
+    assert sink2.frames()[0]["truncated"] is False
+    node.disconnect(current)
