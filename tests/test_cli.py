@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from models.ledger import head_revision
 from tests.harness import API_KEY, JWT_SECRET, OPS_TOKEN, ROOT, ServerProcess, unique
 
 pytestmark = pytest.mark.e2e
@@ -112,7 +113,7 @@ def test_migrate_then_serve_refuses_an_unmigrated_ledger(tmp_path: Path) -> None
     assert refused.returncode == 1
     assert refused.stderr.strip() == (
         "courier: cannot start: the ledger schema is at revision none, this server needs"
-        " 0001: run `courier migrate` first"
+        f" {head_revision()}: run `courier migrate` first"
     )
     migrated = courier("migrate", env=env)
     assert migrated.returncode == 0, migrated.stderr
