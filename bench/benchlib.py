@@ -7,23 +7,23 @@ on a free loopback port, with a ledger made for the run and removed afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
 import resource
 import secrets
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.harness import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "database": "postgres"}
@@ -37,12 +37,6 @@ def raise_open_files_limit() -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         soft = hard
     return int(soft)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def machine() -> dict[str, Any]:
@@ -140,8 +134,9 @@ class Ledger:
             await conn.close()
 
 
-class Server:
-    """``courier serve`` in a subprocess, production settings, logging to a file."""
+class Server(ServerProcess):
+    """``courier serve`` for a benchmark: the test harness's server process, with the
+    WebSocket implementation and deflate chosen, fresh secrets, and no Redis."""
 
     def __init__(
         self,
@@ -151,86 +146,42 @@ class Server:
         deflate: bool = False,
         env: dict[str, str] | None = None,
     ) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.ws = ws
         self.jwt_secret = secrets.token_urlsafe(32)
         self.api_key = "bench-" + secrets.token_urlsafe(16)
         self.ops_token = "ops-" + secrets.token_urlsafe(16)
-        self.log_path = workdir / f"server-{self.port}.log"
-        self.env = {
-            **os.environ,
-            "COURIER_ENV": "production",
-            "COURIER_DATABASE_URL": database_url,
-            "COURIER_JWT_SECRET": self.jwt_secret,
-            "COURIER_API_KEYS": self.api_key,
-            "COURIER_OPS_TOKEN": self.ops_token,
-            "COURIER_WS_DEFLATE": "true" if deflate else "false",
-            "COURIER_DRAIN_SECONDS": "2",
-            "PYTHONUNBUFFERED": "1",
-            **(env or {}),
-        }
-        for name in ("COURIER_PORT", "PORT", "COURIER_REDIS_URL", "REDIS_URL", "WEB_CONCURRENCY"):
+        super().__init__(
+            database_url,
+            workdir,
+            env={
+                "COURIER_JWT_SECRET": self.jwt_secret,
+                "COURIER_API_KEYS": self.api_key,
+                "COURIER_OPS_TOKEN": self.ops_token,
+                "COURIER_WS_DEFLATE": "true" if deflate else "false",
+                "COURIER_DRAIN_SECONDS": "2",
+                **(env or {}),
+            },
+            args=["--ws", ws],
+            log_level="warning",
+        )
+        for name in ("PORT", "COURIER_REDIS_URL", "REDIS_URL", "WEB_CONCURRENCY"):
             self.env.pop(name, None)
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self, timeout: float = 30.0) -> Server:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "server.cli",
-                    "serve",
-                    "--port",
-                    str(self.port),
-                    "--ws",
-                    self.ws,
-                    "--log-level",
-                    "warning",
-                ],
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)  # the process gives no other readiness signal
-        self.stop()
-        raise RuntimeError(f"server not ready within {timeout}s:\n{self.log()}")
-
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def log(self, tail: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-tail:]
-        except FileNotFoundError:
-            return ""
+    def log(self) -> str:
+        return super().log()[-4000:]
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 15.0) -> int | None:  # type: ignore[override]
         """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return super().stop(timeout)
+        return None
 
     def metrics(self) -> dict[str, float]:
         """The server's Prometheus counters and gauges (unlabelled ones), by name."""

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +58,16 @@ class ServerProcess:
         redis_url: str | None = None,
         env: dict[str, str] | None = None,
         workers: int = 1,
+        args: Sequence[str] = (),
+        log_level: str = "info",
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
         self.workdir = workdir
         self.workers = workers
+        self.args = list(args)
+        self.log_level = log_level
         self.log_path = workdir / f"server-{self.port}.log"
         self.env = {
             **os.environ,
@@ -92,7 +97,8 @@ class ServerProcess:
                 "--workers",
                 str(self.workers),
                 "--log-level",
-                "info",
+                self.log_level,
+                *self.args,
             ],
             cwd=ROOT,
             env=self.env,
