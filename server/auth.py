@@ -6,8 +6,11 @@ import hmac
 import re
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from server.settings import Settings
 
@@ -15,6 +18,11 @@ IDENT = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 """Users and devices: 1-128 characters of ``[A-Za-z0-9_.:-]``."""
 
 KIND = re.compile(r"[a-z0-9_.-]{1,64}")
+
+MAX_TIME = 253_402_300_799
+"""9999-12-31T23:59:59Z: the largest ``exp``/``iat``/``nbf`` accepted (Unix seconds)."""
+
+_TIME_CLAIMS = ("exp", "iat", "nbf")
 
 
 class AuthError(Exception):
@@ -35,9 +43,12 @@ class DeviceIdentity:
 
 class Auth:
     def __init__(self, settings: Settings) -> None:
+        self._key: Any
         if settings.jwt_public_key:
-            self._key: str = settings.jwt_public_key
-            self._algorithms = ["RS256", "ES256"]
+            # One algorithm, chosen by the key's type: a token naming another one is refused
+            # as invalid, never handed to a key of the wrong kind.
+            self._key, algorithm = public_key(settings.jwt_public_key)
+            self._algorithms = [algorithm]
         elif settings.jwt_secret:
             self._key = settings.jwt_secret
             self._algorithms = ["HS256"]
@@ -48,31 +59,30 @@ class Auth:
         self._ops_token = (settings.ops_token or "").encode()
 
     def verify_device_token(self, token: str | None) -> DeviceIdentity:
+        """The identity in a device token, or ``AuthError`` for any token that is not exactly
+        what docs/protocol.md describes. Never raises anything else, whatever ``token`` holds."""
         if not token:
             raise AuthError("missing_token", "a device token is required (Authorization: Bearer)")
         try:
+            # PyJWT checks the signature and the algorithm; the claims are checked below,
+            # strictly (PyJWT would accept "exp": "123" or 1.5, and an empty "aud").
             claims = jwt.decode(
                 token,
                 self._key,
                 algorithms=self._algorithms,
-                options={"require": ["exp", "sub", "did"]},
+                options={
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                    "verify_aud": False,
+                    "verify_iss": False,
+                },
             )
-        except jwt.ExpiredSignatureError:
-            raise AuthError("token_expired", "the device token has expired") from None
-        except jwt.MissingRequiredClaimError as exc:
-            raise AuthError(
-                "bad_token", f"the device token lacks the {exc.claim!r} claim"
-            ) from None
-        except jwt.InvalidTokenError as exc:
+        except jwt.PyJWTError as exc:  # InvalidTokenError, InvalidKeyError, ...
             raise AuthError("bad_token", f"the device token is invalid: {exc}") from None
-        user, device = claims.get("sub"), claims.get("did")
-        for name, value in (("sub", user), ("did", device)):
-            if not isinstance(value, str) or not IDENT.fullmatch(value):
-                raise AuthError(
-                    "bad_token", f"the token's {name!r} must be 1-128 characters of [A-Za-z0-9_.:-]"
-                )
-        assert isinstance(user, str) and isinstance(device, str)
-        return DeviceIdentity(user, device, float(claims["exp"]))
+        except (ValueError, TypeError, OverflowError, RecursionError):
+            raise AuthError("bad_token", "the device token is malformed") from None
+        return _identity(claims, time.time())
 
     def mint_device_token(self, user: str, device: str, ttl: int = 3600) -> str:
         """A device token signed with the shared secret (backends usually mint their own)."""
@@ -109,3 +119,48 @@ def bearer(authorization: str | None) -> bytes | None:
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip().encode()
+
+
+def _identity(claims: dict[str, Any], now: float) -> DeviceIdentity:
+    if "aud" in claims:
+        raise AuthError("bad_token", "the device token must not carry an 'aud' claim")
+    for name in _TIME_CLAIMS:
+        value = claims.get(name)
+        if value is None and name != "exp":
+            continue
+        if value is None:
+            raise AuthError("bad_token", "the device token lacks the 'exp' claim")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_TIME:
+            raise AuthError(
+                "bad_token", f"the token's {name!r} must be whole Unix seconds (up to {MAX_TIME})"
+            )
+    if claims["exp"] <= now:
+        raise AuthError("token_expired", "the device token has expired")
+    for name in ("iat", "nbf"):
+        if claims.get(name, 0) > now:
+            raise AuthError("bad_token", f"the token's {name!r} is in the future")
+    user, device = claims.get("sub"), claims.get("did")
+    for name, value in (("sub", user), ("did", device)):
+        if value is None:
+            raise AuthError("bad_token", f"the device token lacks the {name!r} claim")
+        if not isinstance(value, str) or not IDENT.fullmatch(value):
+            raise AuthError(
+                "bad_token", f"the token's {name!r} must be 1-128 characters of [A-Za-z0-9_.:-]"
+            )
+    assert isinstance(user, str) and isinstance(device, str)
+    return DeviceIdentity(user, device, float(claims["exp"]))
+
+
+def public_key(pem: str) -> tuple[Any, str]:
+    """The key object of a PEM public key and the one algorithm it verifies.
+
+    Raises ``ValueError`` for anything but an RSA key (RS256) or a P-256 key (ES256).
+    """
+    key = load_pem_public_key(pem.encode())
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < 2048:
+            raise ValueError(f"the RSA key has {key.key_size} bits; at least 2048 are needed")
+        return key, "RS256"
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return key, "ES256"
+    raise ValueError("the key must be an RSA key (RS256) or an EC P-256 key (ES256)")

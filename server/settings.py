@@ -119,8 +119,15 @@ class Settings:
             raise SettingsError("set only one of COURIER_JWT_SECRET and COURIER_JWT_PUBLIC_KEY")
         if self.jwt_secret is not None and len(self.jwt_secret) < 32:
             raise SettingsError("COURIER_JWT_SECRET must be at least 32 characters (HS256 key)")
-        if self.jwt_public_key and "BEGIN PUBLIC KEY" not in self.jwt_public_key:
-            raise SettingsError("COURIER_JWT_PUBLIC_KEY must be a PEM public key")
+        if self.jwt_public_key:
+            from server.auth import public_key
+
+            try:
+                public_key(self.jwt_public_key)
+            except ValueError as exc:
+                raise SettingsError(
+                    f"COURIER_JWT_PUBLIC_KEY must be a PEM public key: {exc}"
+                ) from None
         has_token_key = bool(self.jwt_secret or self.jwt_public_key)
         if self.environment == "production":
             missing = [
