@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 
 import msgspec
@@ -13,7 +14,14 @@ from starlette.websockets import WebSocket
 
 from channels.broker import BrokerUnavailable
 from channels.client import Client
-from channels.disconnect import INTERNAL, RATE_LIMITED, TOKEN_EXPIRED, TRY_AGAIN, Disconnect
+from channels.disconnect import (
+    INTERNAL,
+    RATE_LIMITED,
+    TOKEN_EXPIRED,
+    TRY_AGAIN,
+    Disconnect,
+    code_label,
+)
 from channels.frames import PONG, error_frame, in_frame_decoder
 from channels.node import Node
 from models.ledger import LedgerUnavailable
@@ -21,6 +29,9 @@ from server.auth import AuthError, bearer
 from server.services import services_of
 
 log = logging.getLogger("courier.ws")
+
+_AFTER = re.compile(r"[0-9]{1,18}")
+"""``after=``: ASCII digits only (``str.isdigit`` would take ``٣`` as 3)."""
 
 
 def _refusal(status: int, code: str, message: str) -> JSONResponse:
@@ -30,7 +41,7 @@ def _refusal(status: int, code: str, message: str) -> JSONResponse:
 def _parse_after(raw: str | None) -> int | None:
     if raw is None or raw == "":
         return None
-    if not raw.isdigit() or len(raw) > 18:
+    if not _AFTER.fullmatch(raw):
         raise ValueError("after must be a non-negative whole number (a seq)")
     return int(raw)
 
@@ -64,7 +75,7 @@ async def device_socket(websocket: WebSocket) -> None:
         await node.connect(client, after)
     except (LedgerUnavailable, BrokerUnavailable) as exc:
         log.warning("connection of %s/%s refused: %s", identity.user, identity.device, exc)
-        metrics.disconnects.labels(str(TRY_AGAIN.code)).inc()
+        metrics.disconnects.labels(code_label(TRY_AGAIN.code)).inc()
         await websocket.close(TRY_AGAIN.code, TRY_AGAIN.reason)
         return
 
@@ -96,7 +107,7 @@ async def device_socket(websocket: WebSocket) -> None:
         await asyncio.gather(reader, writer, return_exceptions=True)
         node.disconnect(client)
         code = peer_code if peer_code is not None else _code(client.disconnect)
-        metrics.disconnects.labels(str(code)).inc()
+        metrics.disconnects.labels(code_label(code)).inc()
 
 
 def _code(disconnect: Disconnect | None) -> int:
