@@ -20,9 +20,10 @@ stream reaches connected devices within ``reconcile_seconds``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,7 @@ from channels.frames import (
 )
 from channels.hub import Hub
 from channels.metrics import Metrics
+from channels.outbox import Outbox
 from models.ledger import (
     Ledger,
     LedgerUnavailable,
@@ -139,6 +141,7 @@ class Node:
         self._last_heads: dict[str, int] = {}
         self._reconcile_now = asyncio.Event()
         self._registrar = _Registrar(ledger, self._spawn)
+        self.outbox = Outbox(broker, self._spawn)
         self.draining = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -260,10 +263,7 @@ class Node:
         )
         self.metrics.connects.inc()
         self.metrics.connections.inc()
-        self._publish_soon(
-            user_channel(client.user),
-            encode_replace(Replace(client.user, client.device, _replace_key(client))),
-        )
+        self._announce([client])
         self._ensure_catch_up(client, known_head=head)
         return client.position
 
@@ -369,27 +369,24 @@ class Node:
                 messages.append((user_channel(a.user), encode_delivery(Delivery.of(a.event))))
         self.metrics.events_published.inc(len(messages))
         self.metrics.events_duplicate.inc(len(answers) - len(messages))
-        if messages:
-            try:
-                await self.broker.publish_many(messages)
-            except Exception as exc:
-                # Durable already: connected devices get these from the ledger on the
-                # next event of their user or the next reconcile round.
-                log.warning(
-                    "bus publish of %d events failed (recorded; will catch up): %s",
-                    len(messages),
-                    exc,
-                )
+        written = self.outbox.send(messages, wait=True)
+        if written is not None:
+            # Durable already: if the bus fails (the outbox logs it), connected devices get
+            # these from the ledger on the next event of their user or the next reconcile.
+            with contextlib.suppress(Exception):
+                await written
         return answers
 
-    def _publish_soon(self, channel: str, payload: bytes) -> None:
-        async def send() -> None:
-            try:
-                await self.broker.publish_many([(channel, payload)])
-            except Exception as exc:
-                log.warning("bus publish on %s failed: %s", channel, exc)
+    def _announce(self, clients: Iterable[Client]) -> None:
+        """Tell every node that these connections are their devices' newest (see _on_replace).
 
-        self._spawn(send())
+        Nothing else would repeat a lost announcement, so the outbox retries it."""
+        messages = [
+            (user_channel(c.user), encode_replace(Replace(c.user, c.device, _replace_key(c))))
+            for c in clients
+            if not c.closed
+        ]
+        self.outbox.send(messages, retry=True)
 
     # -- fan-out ------------------------------------------------------------------------------
 
@@ -416,9 +413,7 @@ class Node:
         elif mine > r.conn:
             # An older connection announced itself, perhaps before this node's announcement
             # could reach its node: announce again so that it learns it was replaced.
-            self._publish_soon(
-                user_channel(r.user), encode_replace(Replace(r.user, r.device, mine))
-            )
+            self._announce([client])
 
     def _deliver(self, client: Client, d: Delivery, now: int) -> None:
         if client.closed:
@@ -554,6 +549,9 @@ class Node:
         self.metrics.broker_reconnects.inc()
         self._last_heads = {}
         self._reconcile_now.set()
+        # Announcements sent by other nodes meanwhile may be lost: repeat ours, so that
+        # a device connected on two nodes during the outage keeps only its newest connection.
+        self._announce(self.hub.all())
 
     async def _reconcile_loop(self) -> None:
         while True:

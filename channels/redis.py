@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
@@ -55,26 +55,39 @@ def backoff_delay(attempt: int) -> float:
     return base * (0.5 + random.random())
 
 
+POOL_SIZE = 16
+"""Connections per command client. Each node's traffic is coalesced (one bus pipeline in
+flight, one presence pipeline, one ingest reader), so a handful suffice; the pool is a
+blocking one, so a burst waits up to the command timeout for a connection instead of
+failing with ``MaxConnectionsError`` (redis-py's default pool fails past 100)."""
+
+
 def redis_client(
     url: str,
     *,
     name: str | None = None,
     timeout: float = 5.0,
     health_check_seconds: float = 15.0,
+    retries: int = 2,
+    max_connections: int = POOL_SIZE,
 ) -> Redis:
     """A pooled command client with bounded timeouts and few, fast retries.
 
     (redis-py's default retries ten times, which turns an outage into long stalls.)
+    ``retries=0`` for a client whose commands must never be sent twice blindly.
     """
-    return Redis.from_url(
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=timeout,
         socket_connect_timeout=timeout,
         socket_timeout=timeout,
         socket_keepalive=True,
         health_check_interval=health_check_seconds,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2),
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries),
         client_name=name,
     )
+    return Redis.from_pool(pool)  # the client owns its pool: aclose() closes both
 
 
 def _unavailable(exc: BaseException) -> BrokerUnavailable:
