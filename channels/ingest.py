@@ -15,6 +15,14 @@ node id. Guarantees:
   and retries the same entries (they stay in its pending list). If the ledger
   refuses the data itself (a data or integrity error, which no retry changes), the
   batch is split to find the entry it refuses, and that entry goes to the dead stream.
+* An entry that cannot be read (not UTF-8, not JSON, any parse failure) goes to the
+  dead stream at once; one whose recording fails for a reason that is not an outage
+  goes there after ``MAX_TRIES`` attempts. No single entry can hold the stream.
+* Reads are never retried blindly: the stream's Redis client has no command retries
+  (a retried blocking ``XREADGROUP ... >`` whose first reply was lost would leave the
+  entries Redis had already assigned pending until a claim). After any error the
+  consumer first re-reads its own pending entries (id ``0``), then new ones, so a
+  lost reply delays nothing and reorders nothing.
 * Entries a dead consumer read but never acknowledged are taken over with
   ``XAUTOCLAIM`` once idle longer than ``claim_seconds``.
 * One node at a time records (a leader lease, ``<stream>:leader``, renewed while it
@@ -51,6 +59,8 @@ STREAM = "courier:ingest"
 GROUP = "courier"
 READ_COUNT = 500
 BLOCK_MS = 1000
+MAX_TRIES = 3
+"""Failures (other than outages) of one entry before it goes to the dead stream."""
 
 
 class LeaseLost(Exception):
@@ -121,6 +131,7 @@ class StreamConsumer:
         self._task: asyncio.Task[None] | None = None
         self._claim_cursor = "0-0"
         self._failures = 0
+        self._tries: dict[str, int] = {}  # entry id -> failed recording attempts
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -279,13 +290,52 @@ class StreamConsumer:
         """Dead-letter the malformed entries, record the others, acknowledge each after."""
         if not await self.renew_lease():
             raise LeaseLost()  # another node records now: leave these pending for it
-        parsed = [self._parse(_text(entry_id), fields) for entry_id, fields in entries]
+        parsed = [self._parse_safely(_text(entry_id), fields) for entry_id, fields in entries]
         bad = [e for e in parsed if e.event is None]
         good = [e for e in parsed if e.event is not None]
         if bad:
             await self._dead_letter(bad)
         if good:
+            await self._record_bounded(good)
+
+    def _parse_safely(self, entry_id: str, fields: Any) -> _Entry:
+        """``_parse``, and any failure to read an entry is that entry's fault: it goes to the
+        dead stream at once, so no single entry can hold the stream."""
+        try:
+            return self._parse(entry_id, fields)
+        except Exception as exc:
+            raw = fields.get(b"event") if isinstance(fields, dict) else None
+            return _Entry(
+                entry_id,
+                raw if isinstance(raw, bytes) else None,
+                None,
+                f"event cannot be read: {exc!r}",
+            )
+
+    async def _record_bounded(self, good: Sequence[_Entry]) -> None:
+        """``_record``, with a bound on failures that are not outages (a bug, or data the
+        code cannot handle): a batch that fails is retried entry by entry, and an entry
+        that fails ``MAX_TRIES`` times goes to the dead stream instead of holding the rest."""
+        try:
             await self._record(good)
+            if self._tries:
+                for e in good:
+                    self._tries.pop(e.entry_id, None)
+            return
+        except (LeaseLost, RedisError, OSError, TimeoutError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            if len(good) > 1:
+                log.warning("recording %d ingest entries failed (%r); one by one", len(good), exc)
+                for e in good:
+                    await self._record_bounded([e])
+                return
+            (entry,) = good
+            tries = self._tries[entry.entry_id] = self._tries.get(entry.entry_id, 0) + 1
+            if tries < MAX_TRIES:
+                raise
+            self._tries.pop(entry.entry_id, None)
+            await self._dead_letter(good, f"recording failed {tries} times: {exc!r}")
 
     def _parse(self, entry_id: str, fields: Any) -> _Entry:
         fields = fields or {}
@@ -294,6 +344,10 @@ class StreamConsumer:
             names = ", ".join(sorted(_text(k) for k in fields)) or "none"
             return _Entry(entry_id, None, None, f"no field 'event' (fields: {names})")
         raw = raw if isinstance(raw, bytes) else str(raw).encode()
+        try:
+            raw.decode()
+        except UnicodeDecodeError as exc:
+            return _Entry(entry_id, raw, None, f"event is not valid UTF-8: {exc}")
         try:
             obj = msgspec.json.decode(raw)
         except (msgspec.DecodeError, RecursionError) as exc:
@@ -385,4 +439,5 @@ def _stream_entries(reply: Any) -> list[tuple[Any, Any]]:
 
 
 def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    """Text of a Redis reply or field name; bytes that are not UTF-8 are shown escaped."""
+    return value.decode(errors="backslashreplace") if isinstance(value, bytes) else str(value)

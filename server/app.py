@@ -106,7 +106,9 @@ async def start_redis_services(
             await presence.client.aclose()
 
         stops.append(stop_presence)
-    client = redis_client(settings.redis_url, name=f"courier:{settings.node_id}:ingest")
+    # No command retries: a blocking XREADGROUP must never be re-sent blindly (see
+    # channels.ingest); after an error the consumer re-reads its own pending entries.
+    client = redis_client(settings.redis_url, name=f"courier:{settings.node_id}:ingest", retries=0)
     consumer = StreamConsumer(
         client, node, limits, consumer=settings.node_id, claim_seconds=settings.ingest_claim_seconds
     )

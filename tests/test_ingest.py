@@ -187,3 +187,87 @@ async def test_ledger_down_leaves_entries_pending_until_it_is_back(env: Env) -> 
     assert [e.id for e in await env.events()] == [f"{env.user}-1"]
     assert (await env.redis.xpending(env.stream, "courier"))["pending"] == 0
     assert entry
+
+
+async def test_entries_that_are_not_utf8_never_hold_the_stream(env: Env) -> None:
+    consumer = env.consumer("c1")
+    await consumer.ensure_group()
+    first = await env.xadd(ev(env.user, 1))
+    bad = [
+        await env.redis.xadd(
+            env.stream, {"event": b'{"user":"u1","kind":"k","data":{"x":"\xff"}}'}
+        ),
+        await env.redis.xadd(env.stream, {b"\xff\xfe": b"name not UTF-8"}),
+        await env.redis.xadd(env.stream, {b"event": b"\xc3\x28"}),
+    ]
+    last = await env.xadd(ev(env.user, 2))
+    assert await consumer.read_once() == 5
+    assert [e.id for e in await env.events()] == [f"{env.user}-1", f"{env.user}-2"]
+    dead = await env.redis.xrange(f"{env.stream}:dead")
+    assert [f[b"entry"] for _, f in dead] == bad
+    assert all(f[b"reason"] for _, f in dead)
+    assert "UTF-8" in dead[0][1][b"reason"].decode()
+    pending = await env.redis.xpending(env.stream, "courier")
+    assert pending["pending"] == 0 and first and last
+
+
+async def test_an_entry_that_keeps_failing_goes_to_the_dead_stream(env: Env) -> None:
+    """A failure that is not an outage (here: a bug in recording) is bounded per entry."""
+    consumer = env.consumer("c1")
+    await consumer.ensure_group()
+    poison = await env.xadd(ev(env.user, 1, collapse="poison"))
+    await env.xadd(ev(env.user, 2))
+    real_publish = env.node.publish
+
+    async def flaky(batch: Any) -> Any:
+        if any(e.collapse == "poison" for e in batch):
+            raise KeyError("a bug")
+        return await real_publish(batch)
+
+    env.node.publish = flaky  # type: ignore[method-assign]
+    for _ in range(2):
+        with pytest.raises(KeyError):
+            await consumer.read_once(new=False) or await consumer.read_once()
+    await consumer.read_once(new=False)  # the third try dead-letters it; the rest goes on
+    assert [e.id for e in await env.events()] == [f"{env.user}-2"]
+    dead = await env.redis.xrange(f"{env.stream}:dead")
+    assert [f[b"entry"].decode() for _, f in dead] == [poison]
+    assert "3 times" in dead[0][1][b"reason"].decode()
+
+
+async def test_a_lost_read_reply_is_recovered_in_order_without_a_claim(env: Env) -> None:
+    """The reply to ``XREADGROUP >`` is lost after Redis assigned the entries: the consumer
+    re-reads its own pending entries first, so nothing waits for a claim or is reordered."""
+    consumer = env.consumer("c1", claim_seconds=300)
+    await consumer.ensure_group()
+    for n in range(3):
+        await env.xadd(ev(env.user, n))
+    real = env.redis.xreadgroup
+    lost = {"done": False}
+
+    async def lose_first_new_reply(*args: Any, **kwargs: Any) -> Any:
+        reply = await real(*args, **kwargs)
+        streams = args[2] if len(args) > 2 else kwargs["streams"]
+        if not lost["done"] and b">" not in streams.values() and ">" in streams.values():
+            lost["done"] = True
+            raise ConnectionError("reply lost")
+        return reply
+
+    env.redis.xreadgroup = lose_first_new_reply  # type: ignore[method-assign]
+    task = asyncio.create_task(consumer.run())
+    try:
+        await asyncio.wait_for(_until_recorded(env, 3), 10)
+        for n in range(3, 6):
+            await env.xadd(ev(env.user, n))
+        await asyncio.wait_for(_until_recorded(env, 6), 10)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert lost["done"]
+    events = await env.events()
+    assert [e.id for e in events] == [f"{env.user}-{n}" for n in range(6)]
+
+
+async def _until_recorded(env: Env, n: int) -> None:
+    while len(await env.events()) < n:
+        await asyncio.sleep(0.05)  # the ledger has no change notification to await
