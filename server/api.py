@@ -133,6 +133,10 @@ def parse_body(raw: bytes, limits: Limits) -> tuple[list[NewEvent], bool]:
         raise InputError(
             "$", f"the body is not valid JSON: {exc}", code="bad_json", status=400
         ) from None
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            "$", f"the body is not valid UTF-8: {exc}", code="bad_json", status=400
+        ) from None
     if isinstance(body, list):
         if not body:
             raise InputError("$", "the list of events is empty")

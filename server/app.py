@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from channels.broker import Broker, MemoryBroker
 from channels.metrics import Metrics
@@ -175,4 +177,16 @@ def create_app(settings: Settings) -> Starlette:
     return Starlette(
         routes=[*websocket.routes(), *api.routes(), *ops.routes()],
         lifespan=lifespan,
+        exception_handlers={Exception: internal_error},
+    )
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """A bug, never the client's input: one ERROR with the traceback, a JSON 500, and the
+    connection closed (its state is unknown) with ``Connection: close`` said to the client."""
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(
+        {"error": {"code": "internal", "message": "internal error; it has been logged"}},
+        status_code=500,
+        headers={"Connection": "close"},
     )

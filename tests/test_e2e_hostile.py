@@ -19,7 +19,7 @@ from websockets.exceptions import InvalidStatus
 
 from models.ledger import migrate
 from tests.conftest import assert_graceful_stop
-from tests.harness import Device, ServerProcess, token, unique, until
+from tests.harness import API_KEY, Device, ServerProcess, token, unique, until
 
 pytestmark = pytest.mark.e2e
 
@@ -119,3 +119,25 @@ async def test_peer_close_codes_do_not_create_metric_series(server: ServerProces
     seen = await labels()
     assert "other" in seen and "1000" in seen
     assert not {str(c) for c in codes if c != 1000} & seen
+
+
+async def test_a_body_that_is_not_utf8_gets_400_and_the_connection_keeps_serving(
+    server: ServerProcess,
+) -> None:
+    user = unique()
+    async with httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}
+    ) as http:
+        for raw in (
+            b'{"user":"u1","kind":"k","data":{"x":"\xff"}}',
+            b"\xc3\x28",
+            b'"\xed\xa0\x80"',
+        ):
+            r = await http.post("/v1/events", content=raw)
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["code"] == "bad_json"
+            # The same keep-alive connection serves the next request.
+            ok = await http.post("/v1/events", json={"user": user, "kind": "k"})
+            assert ok.status_code == 201, ok.text
+    log = server.log()
+    assert "Traceback" not in log and '" 500' not in log, log

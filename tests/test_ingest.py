@@ -20,6 +20,7 @@ from channels.publisher import AsyncStreamPublisher
 from models.ledger import Ledger, StoredEvent
 from server.api import parse_event
 from server.services import Limits
+from tests.harness import until
 
 LIMITS = Limits(max_data_bytes=16 * 1024, max_batch=1000, max_ttl=24 * 3600)
 
@@ -256,10 +257,10 @@ async def test_a_lost_read_reply_is_recovered_in_order_without_a_claim(env: Env)
     env.redis.xreadgroup = lose_first_new_reply  # type: ignore[method-assign]
     task = asyncio.create_task(consumer.run())
     try:
-        await asyncio.wait_for(_until_recorded(env, 3), 10)
+        await _until_recorded(env, 3)
         for n in range(3, 6):
             await env.xadd(ev(env.user, n))
-        await asyncio.wait_for(_until_recorded(env, 6), 10)
+        await _until_recorded(env, 6)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -269,5 +270,7 @@ async def test_a_lost_read_reply_is_recovered_in_order_without_a_claim(env: Env)
 
 
 async def _until_recorded(env: Env, n: int) -> None:
-    while len(await env.events()) < n:
-        await asyncio.sleep(0.05)  # the ledger has no change notification to await
+    async def recorded() -> bool:
+        return len(await env.events()) >= n
+
+    await until(recorded)  # the ledger has no change notification to await
