@@ -27,7 +27,7 @@ from tests.harness import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "database": "postgres"}
-WS_IMPLEMENTATIONS = ("websockets-sansio", "websockets", "wsproto")
+WS_IMPLEMENTATIONS = ("courier", "websockets-sansio", "websockets", "wsproto")
 
 
 def raise_open_files_limit() -> int:
@@ -142,7 +142,7 @@ class Server(ServerProcess):
         self,
         database_url: str,
         workdir: Path,
-        ws: str = "websockets-sansio",
+        ws: str = "courier",
         deflate: bool = False,
         env: dict[str, str] | None = None,
     ) -> None:

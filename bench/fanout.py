@@ -654,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--broadcast-users", type=int, default=10, help="'broadcast' scenario: U")
     p.add_argument("--rounds", type=int, default=10, help="events per user (R)")
     p.add_argument("--batch", type=int, default=1000, help="events per POST (at most 1000)")
-    p.add_argument("--ws", choices=benchlib.WS_IMPLEMENTATIONS, default="websockets-sansio")
+    p.add_argument("--ws", choices=benchlib.WS_IMPLEMENTATIONS, default="courier")
     p.add_argument("--deflate", action="store_true", help="COURIER_WS_DEFLATE=true")
     p.add_argument(
         "--matrix", action="store_true", help="every --ws implementation, deflate off and on"

@@ -50,3 +50,9 @@ class Metrics:
             "Cursor flushes that failed and were retried",
             registry=r,
         )
+        self.transport_refusals = Counter(
+            "courier_transport_refusals",
+            "Connections refused or dropped by the transport, by reason",
+            ["reason"],
+            registry=r,
+        )

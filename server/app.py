@@ -15,7 +15,7 @@ from channels.metrics import Metrics
 from channels.node import Node, NodeConfig
 from channels.presence import LocalPresence, Presence
 from models.ledger import Ledger, LedgerUnavailable, head_revision
-from server import api, ops, websocket
+from server import api, ops, transport, websocket
 from server.auth import Auth
 from server.drain import DrainOnTerm
 from server.services import Limits, Services
@@ -139,6 +139,9 @@ def create_app(settings: Settings) -> Starlette:
             await ledger.close()
             raise
         limits = Limits(settings.max_data_bytes, settings.max_batch, settings.retention_seconds)
+        for reason in transport.REASONS:
+            metrics.transport_refusals.labels(reason)
+        transport.count_refusals(lambda reason: metrics.transport_refusals.labels(reason).inc())
         presence = build_presence(settings, node)
         redis_stops = await start_redis_services(settings, node, presence, limits)
         app.state.services = Services(
@@ -172,6 +175,7 @@ def create_app(settings: Settings) -> Starlette:
             await node.drain(seconds=min(settings.drain_seconds, 2.0))
             await node.stop()
             await ledger.close()
+            transport.count_refusals(None)
             log.info("node %s stopped", settings.node_id)
 
     return Starlette(

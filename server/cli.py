@@ -15,7 +15,15 @@ from server.settings import Settings, SettingsError
 
 log = logging.getLogger("courier.cli")
 
-WS_IMPLEMENTATIONS = ("websockets-sansio", "websockets", "wsproto")
+WS_IMPLEMENTATIONS = {
+    "courier": "server.transport:CourierWebSocketProtocol",
+    "websockets-sansio": "websockets-sansio",
+    "websockets": "websockets",
+    "wsproto": "wsproto",
+}
+"""``--ws``: Courier's hardened protocol (the default), or one of uvicorn's as they are
+(for comparison; those come with uvicorn's plain HTTP protocol too)."""
+HTTP_PROTOCOL = "server.transport:CourierHttpProtocol"
 
 
 def _settings() -> Settings:
@@ -49,18 +57,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     if settings.dev_mode:
         _print_dev_banner(settings, host, port)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    from server.logs import log_config
+
     config = uvicorn.Config(
         "asgi:app",
         host=host,
         port=port,
         workers=args.workers,
         loop="uvloop",
-        http="httptools",
-        ws=args.ws,
+        http=HTTP_PROTOCOL if args.ws == "courier" else "httptools",
+        ws=WS_IMPLEMENTATIONS[args.ws],
+        log_config=log_config(args.log_level),
         ws_per_message_deflate=settings.ws_per_message_deflate,
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=settings.heartbeat_seconds,
@@ -108,7 +115,7 @@ def _print_dev_banner(settings: Settings, host: str, port: int) -> None:
    and COURIER_ENV=production)
 
     publisher key:  {key}
-    ops page:       {url}/ops?token={settings.ops_token}
+    ops page:       {url}/ops  (ops token: {settings.dev_file})
 
   In another terminal:
     .venv/bin/courier token --user u1 --device phone1     # mint a device token
@@ -250,9 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ws",
-        choices=WS_IMPLEMENTATIONS,
-        default="websockets-sansio",
-        help="uvicorn WebSocket implementation (default measured fastest)",
+        choices=list(WS_IMPLEMENTATIONS),
+        default="courier",
+        help="WebSocket implementation: courier (hardened websockets-sansio, the default)"
+        " or one of uvicorn's own, for comparison",
     )
     p.add_argument(
         "--log-level",

@@ -51,6 +51,11 @@ class Settings:
     rate_limit_burst: int = 200
     ws_per_message_deflate: bool = False
     backfill_page: int = 500
+    # The transport (server/transport.py).
+    handshake_timeout: float = 10.0
+    max_url_bytes: int = 8192
+    max_header_bytes: int = 16 * 1024
+    max_output_bytes: int = 1024 * 1024
     # Publishing and the ledger.
     max_data_bytes: int = 16 * 1024
     max_batch: int = 1000
@@ -101,6 +106,12 @@ class Settings:
             rate_limit_burst=r.integer("COURIER_RATE_BURST", 200, 1, 1_000_000),
             ws_per_message_deflate=r.flag("COURIER_WS_DEFLATE", False),
             backfill_page=r.integer("COURIER_BACKFILL_PAGE", 500, 1, 100_000),
+            handshake_timeout=r.number("COURIER_HANDSHAKE_TIMEOUT", 10.0, 0.1, 600.0),
+            max_url_bytes=r.integer("COURIER_MAX_URL_BYTES", 8192, 256, 1024 * 1024),
+            max_header_bytes=r.integer("COURIER_MAX_HEADER_BYTES", 16 * 1024, 1024, 1024 * 1024),
+            max_output_bytes=r.integer(
+                "COURIER_MAX_OUTPUT_BYTES", 1024 * 1024, 64 * 1024, 1024 * 1024 * 1024
+            ),
             max_data_bytes=r.integer("COURIER_MAX_DATA_BYTES", 16 * 1024, 2, 1024 * 1024),
             max_batch=r.integer("COURIER_MAX_BATCH", 1000, 1, 10_000),
             retention_seconds=r.integer("COURIER_RETENTION_SECONDS", 86400, 60, 365 * 86400),

@@ -1,0 +1,240 @@
+"""uvicorn's HTTP and WebSocket protocols, hardened for clients on the open internet.
+
+``courier serve`` runs uvicorn with these two classes (``http=`` and ``ws=`` of
+``uvicorn.Config`` take protocol classes by import path, so workers use them too).
+Under any other ASGI server the app works as before, without these guarantees.
+
+``CourierHttpProtocol`` (httptools) guarantees:
+
+* A request head (request line and headers) must be complete within
+  ``COURIER_HANDSHAKE_TIMEOUT`` of the connection opening, or of the first byte of
+  the next request on a kept-alive connection; otherwise ``408`` and the connection
+  is closed. Half-open handshakes cannot pile up and exhaust file descriptors.
+* A URL over ``COURIER_MAX_URL_BYTES`` is answered ``414``, a head whose headers
+  total over ``COURIER_MAX_HEADER_BYTES`` ``431``; both written to the client with
+  ``Connection: close`` before the connection is closed.
+
+``CourierWebSocketProtocol`` (websockets sans-I/O) guarantees:
+
+* A refused handshake (an HTTP answer instead of the upgrade) is complete: no ERROR.
+* A text frame that is not UTF-8 closes the connection with 1007 and one INFO line;
+  whatever else arrived in the same read (a close frame) is handled, never raised.
+* No exception escapes ``data_received``: a protocol error drops that connection
+  only, with one WARNING.
+* Pings from the peer are charged to a token bucket of ``COURIER_RATE_LIMIT`` per
+  second (``COURIER_RATE_BURST`` at once); a peer past it, or one whose unread
+  output (pongs and frames) exceeds ``COURIER_MAX_OUTPUT_BYTES``, is dropped: it
+  does not read, so it could not take a close frame either.
+
+Every refusal and drop is one log line (the client's address, never its URL, which
+may carry a token) and a count in ``courier_transport_refusals_total{reason}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import State
+
+log = logging.getLogger("courier.transport")
+
+REASONS = ("head_timeout", "url_too_long", "headers_too_large", "bad_request", "ping_flood",
+           "output_overflow", "invalid_utf8", "protocol_error")  # fmt: skip
+"""The only labels of the refusals metric."""
+
+_count: Callable[[str], None] | None = None
+
+
+def count_refusals(counter: Callable[[str], None] | None) -> None:
+    """Where refusals are counted (the app's metrics, set by its lifespan)."""
+    global _count
+    _count = counter
+
+
+def _refused(reason: str) -> None:
+    if _count is not None:
+        _count(reason)
+
+
+@dataclass(frozen=True, slots=True)
+class TransportLimits:
+    head_timeout: float
+    max_url_bytes: int
+    max_header_bytes: int
+    max_output_bytes: int
+    ping_rate: float
+    ping_burst: int
+
+
+@functools.cache
+def limits() -> TransportLimits:
+    """Read once per process from the environment (workers are processes of their own)."""
+    from server.settings import Settings
+
+    s = Settings.from_env()
+    return TransportLimits(
+        s.handshake_timeout,
+        s.max_url_bytes,
+        s.max_header_bytes,
+        s.max_output_bytes,
+        s.rate_limit_per_second,
+        s.rate_limit_burst,
+    )
+
+
+def _peer(client: tuple[str, int] | None) -> str:
+    return f"{client[0]}:{client[1]}" if client else "unknown peer"
+
+
+class _HeadTooLarge(Exception):
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+
+class CourierHttpProtocol(HttpToolsProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._limits = limits()
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self._limits.head_timeout, self._head_late)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self._refuse(408, "head_timeout", "the request head did not arrive in time")
+
+    def _refuse(self, status: int, reason: str, message: str) -> None:
+        log.info("%s refused %d (%s)", _peer(self.client), status, reason)
+        _refused(reason)
+        body = json.dumps({"error": {"code": reason, "message": message}}).encode()
+        self.transport.write(
+            b"".join(
+                [
+                    STATUS_LINE[status],
+                    b"content-type: application/json\r\n",
+                    b"content-length: " + str(len(body)).encode() + b"\r\n",
+                    b"connection: close\r\n\r\n",
+                    body,
+                ]
+            )
+        )
+        self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+        except httptools.HttpParserError as exc:
+            self._disarm()
+            cause = exc.__context__
+            if isinstance(cause, _HeadTooLarge):
+                self._refuse(cause.status, cause.reason, cause.message)
+            else:
+                self._refuse(400, "bad_request", "the request is not valid HTTP/1.1")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = 0
+        self._arm()
+
+    def on_url(self, url: bytes) -> None:
+        if len(self.url) + len(url) > self._limits.max_url_bytes:
+            raise _HeadTooLarge(414, "url_too_long", "the URL is too long")
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self._limits.max_header_bytes:
+            raise _HeadTooLarge(431, "headers_too_large", "the request headers are too large")
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+
+class CourierWebSocketProtocol(WebSocketsSansIOProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._limits = limits()
+        self._ping_tokens = float(self._limits.ping_burst)
+        self._ping_at = time.monotonic()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            super().data_received(data)
+        except Exception as exc:  # a peer's bytes must never raise into the event loop
+            self._drop("protocol_error", f"{type(exc).__name__}: {exc}")
+
+    def _drop(self, reason: str, detail: str) -> None:
+        log.warning("%s dropped (%s): %s", _peer(self.client), reason, detail)
+        _refused(reason)
+        self.transport.abort()
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body"):
+            self.handshake_complete = True  # a refusal answered in full is a finished handshake
+
+    def send_receive_event_to_app(self) -> None:
+        if self.curr_msg_data_type == "text":
+            data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+            try:
+                data.decode()
+            except UnicodeDecodeError:
+                self.frames = []
+                log.info("%s sent a text frame that is not UTF-8: closing 1007", _peer(self.client))
+                _refused("invalid_utf8")
+                if self.conn.state is State.OPEN:
+                    self.conn.fail(1007, "invalid UTF-8")
+                    self.handle_parser_exception()
+                return
+        super().send_receive_event_to_app()
+
+    def handle_ping(self) -> None:
+        now = time.monotonic()
+        self._ping_tokens = min(
+            self._limits.ping_burst,
+            self._ping_tokens + (now - self._ping_at) * self._limits.ping_rate,
+        )
+        self._ping_at = now
+        if self._ping_tokens < 1.0:
+            self._drop("ping_flood", "pings over the frame rate limit")
+            return
+        self._ping_tokens -= 1.0
+        super().handle_ping()
+        if self.transport.get_write_buffer_size() > self._limits.max_output_bytes:
+            self._drop("output_overflow", "the peer does not read what it is sent")
