@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck clean bench
+.PHONY: run test lint typecheck clean bench fuzz
 
 $(BIN)/courier: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ typecheck: $(BIN)/courier
 
 test: $(BIN)/courier lint typecheck
 	$(BIN)/pytest -q
+
+fuzz: $(BIN)/courier
+	COURIER_FUZZ_EXAMPLES=$${COURIER_FUZZ_EXAMPLES:-100000} $(BIN)/pytest -q tests/test_fuzz.py -p no:timeout
 
 bench: $(BIN)/courier
 	$(BIN)/python bench/fanout.py
