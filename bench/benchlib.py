@@ -158,6 +158,12 @@ class Server(ServerProcess):
                 "COURIER_OPS_TOKEN": self.ops_token,
                 "COURIER_WS_DEFLATE": "true" if deflate else "false",
                 "COURIER_DRAIN_SECONDS": "2",
+                # Load comes from one address and thousands of devices of one user.
+                "COURIER_HANDSHAKE_RATE": "1000000",
+                "COURIER_HANDSHAKE_BURST": "1000000",
+                "COURIER_RECONNECT_RATE": "1000000",
+                "COURIER_RECONNECT_BURST": "1000000",
+                "COURIER_MAX_DEVICES_PER_USER": "0",
                 **(env or {}),
             },
             args=["--ws", ws],

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from channels.disconnect import SLOW, Disconnect
 from channels.frames import Delivery
+from channels.limits import TokenBucket
 
 log = logging.getLogger("courier.client")
 
@@ -47,10 +48,9 @@ class Client:
         "_on_sent",
         "_queue",
         "_sink",
-        "_tokens",
-        "_tokens_at",
         "_wake",
         "acked",
+        "budget",
         "catch_up_task",
         "catching_up",
         "closed",
@@ -62,8 +62,6 @@ class Client:
         "pending",
         "pending_overflow",
         "position",
-        "rate",
-        "rate_burst",
         "sent_seq",
         "user",
         "writer_task",
@@ -81,6 +79,7 @@ class Client:
         on_close: CloseHook | None = None,
         rate: float = 50.0,
         rate_burst: int = 200,
+        budget: TokenBucket | None = None,
     ) -> None:
         self._sink = sink
         self.user = user
@@ -108,10 +107,9 @@ class Client:
         self.writer_task: asyncio.Task[None] | None = None
         self.disconnect: Disconnect | None = None
         self.closed = False
-        self.rate = rate
-        self.rate_burst = rate_burst
-        self._tokens = float(rate_burst)
-        self._tokens_at = time.monotonic()
+        # Frames from the device; shared with its WebSocket pings when the transport
+        # provides the bucket (``courier serve`` does).
+        self.budget = budget if budget is not None else TokenBucket(rate, rate_burst)
 
     @property
     def queued(self) -> int:
@@ -157,14 +155,9 @@ class Client:
             self.writer_task.cancel()
 
     def allow_frame(self) -> bool:
-        """Token bucket for frames from the device (``rate`` per second, ``rate_burst`` at once)."""
-        now = time.monotonic()
-        self._tokens = min(self.rate_burst, self._tokens + (now - self._tokens_at) * self.rate)
-        self._tokens_at = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
+        """Charge one frame from the device to its budget (``rate`` per second, ``rate_burst``
+        at once); False when it is spent."""
+        return self.budget.take()
 
     async def run_writer(self) -> None:
         """Write queued frames in order until closed; then send the close frame."""

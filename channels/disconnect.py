@@ -24,9 +24,10 @@ TRY_AGAIN = Disconnect(1013, "try again later: ledger unavailable")
 TOKEN_EXPIRED = Disconnect(4001, "token expired", reconnect=False)
 SLOW = Disconnect(4008, "too slow: send queue overflowed")
 REPLACED = Disconnect(4009, "replaced by a newer connection of this device", reconnect=False)
+EVICTED = Disconnect(4010, "evicted: the user connected more devices than allowed", reconnect=False)
 RATE_LIMITED = Disconnect(4029, "rate limited")
 
-_OURS = (INTERNAL, RESTART, TRY_AGAIN, TOKEN_EXPIRED, SLOW, REPLACED, RATE_LIMITED)
+_OURS = (INTERNAL, RESTART, TRY_AGAIN, TOKEN_EXPIRED, SLOW, REPLACED, EVICTED, RATE_LIMITED)
 _STANDARD = (1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1010, 1011)
 METRIC_CODES = frozenset(_STANDARD) | {d.code for d in _OURS}
 """Close codes counted by their own label; a peer may send any code, and any other one is

@@ -85,6 +85,14 @@ class Replace:
     conn: str
 
 
+@dataclass(frozen=True, slots=True)
+class Evict:
+    """A device was deleted under the device limit: its connections, anywhere, must go."""
+
+    user: str
+    device: str
+
+
 class _Bus(msgspec.Struct, frozen=True):
     t: str
     user: str
@@ -117,7 +125,11 @@ def encode_replace(r: Replace) -> bytes:
     return msgspec.json.encode({"t": "replace", "user": r.user, "device": r.device, "conn": r.conn})
 
 
-def decode_bus(payload: bytes) -> Delivery | Replace:
+def encode_evict(e: Evict) -> bytes:
+    return msgspec.json.encode({"t": "evict", "user": e.user, "device": e.device})
+
+
+def decode_bus(payload: bytes) -> Delivery | Replace | Evict:
     """Decode a bus message; raises ``ValueError`` for anything malformed."""
     try:
         m = _bus_decoder.decode(payload)
@@ -127,6 +139,8 @@ def decode_bus(payload: bytes) -> Delivery | Replace:
         return Delivery(m.user, m.seq, m.device, m.exp, m.ts, bytes(m.frame).decode())
     if m.t == "replace" and m.device is not None:
         return Replace(m.user, m.device, m.conn)
+    if m.t == "evict" and m.device is not None:
+        return Evict(m.user, m.device)
     raise ValueError(f"unknown bus message type {m.t!r}")
 
 

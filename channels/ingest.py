@@ -49,7 +49,7 @@ from redis.exceptions import RedisError, ResponseError
 from channels.metrics import Metrics
 from channels.node import Node
 from channels.redis import backoff_delay
-from models.ledger import LedgerRefused, LedgerUnavailable, NewEvent
+from models.ledger import IdConflict, LedgerRefused, LedgerUnavailable, NewEvent
 from server.api import InputError, parse_event
 from server.services import Limits
 
@@ -394,8 +394,19 @@ class StreamConsumer:
         """
         attempt = 0
         while True:
+            events = [e for e in good if e.event is not None]
             try:
-                await self.node.publish([e.event for e in good if e.event is not None])
+                await self.node.publish([e.event for e in events if e.event is not None])
+            except IdConflict as exc:
+                clash = [events[i] for i in exc.indexes]
+                await self._dead_letter(
+                    clash, "id_conflict: the id was already used for an event with other content"
+                )
+                gone = {e.entry_id for e in clash}
+                rest = [e for e in good if e.entry_id not in gone]
+                if rest:
+                    await self._record(rest)
+                return
             except LedgerRefused as exc:
                 if len(good) > 1:
                     mid = len(good) // 2

@@ -19,6 +19,17 @@ class Metrics:
         self.events_published = Counter(
             "courier_events_published", "Events recorded in the ledger", registry=r
         )
+        self.events_conflict = Counter(
+            "courier_events_id_conflict",
+            "Publishes refused because their id was used for other content",
+            registry=r,
+        )
+        self.device_limit = Counter(
+            "courier_device_limit",
+            "New devices past COURIER_MAX_DEVICES_PER_USER, by action (refused or evicted)",
+            ["action"],
+            registry=r,
+        )
         self.events_duplicate = Counter(
             "courier_events_duplicate", "Publishes answered as duplicates", registry=r
         )

@@ -30,21 +30,25 @@ from typing import Any
 from channels.broker import Broker, user_channel
 from channels.client import Client
 from channels.cursors import CursorBuffer
-from channels.disconnect import INTERNAL, REPLACED, RESTART, SLOW, Disconnect
+from channels.disconnect import EVICTED, INTERNAL, REPLACED, RESTART, SLOW, Disconnect
 from channels.frames import (
     Delivery,
+    Evict,
     Replace,
     decode_bus,
     encode_delivery,
+    encode_evict,
     encode_replace,
     error_frame,
     event_frame,
     hello_frame,
 )
 from channels.hub import Hub
+from channels.limits import TokenBucket
 from channels.metrics import Metrics
 from channels.outbox import Outbox
 from models.ledger import (
+    DeviceLimit,
     Ledger,
     LedgerUnavailable,
     NewEvent,
@@ -76,6 +80,7 @@ class NodeConfig:
     retention_seconds: int = 24 * 3600
     rate_limit_per_second: float = 50.0
     rate_limit_burst: int = 200
+    device_limit: DeviceLimit | None = None
 
 
 class _Subscription:
@@ -86,21 +91,31 @@ class _Subscription:
         self.ready = ready
 
 
+class DeviceRefused(Exception):
+    """The device is new to its user and the user has the most devices allowed."""
+
+
 class _Registrar:
     """Registers connecting devices in batches: every device that connects while one
     registration statement is in flight goes into the next one (a reconnect storm of
     thousands of phones is a handful of statements, not one transaction each)."""
 
     def __init__(
-        self, ledger: Ledger, spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]]
+        self,
+        ledger: Ledger,
+        spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
+        limit: DeviceLimit | None,
+        on_evicted: Callable[[list[tuple[str, str]]], None],
     ) -> None:
         self.ledger = ledger
+        self.limit = limit
+        self._on_evicted = on_evicted
         self._spawn = spawn
         self._waiting: dict[tuple[str, str], list[asyncio.Future[Registration]]] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def register(self, user: str, device: str) -> Registration:
-        """Raises ``LedgerUnavailable``."""
+        """Raises ``LedgerUnavailable``, or ``DeviceRefused`` past the device limit."""
         future: asyncio.Future[Registration] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault((user, device), []).append(future)
         if self._task is None or self._task.done():
@@ -111,17 +126,24 @@ class _Registrar:
         while self._waiting:
             batch, self._waiting = self._waiting, {}
             try:
-                found = await self.ledger.register_devices(list(batch))
+                admission = await self.ledger.register_devices(list(batch), limit=self.limit)
             except Exception as exc:
                 for futures in batch.values():
                     for f in futures:
                         if not f.done():
                             f.set_exception(exc)
                 continue
+            if admission.evicted:
+                self._on_evicted(admission.evicted)
             for key, futures in batch.items():
+                found = admission.registered.get(key)
                 for f in futures:
-                    if not f.done():
-                        f.set_result(found[key])
+                    if f.done():
+                        continue
+                    if found is None:
+                        f.set_exception(DeviceRefused(f"{key[0]} has the most devices allowed"))
+                    else:
+                        f.set_result(found)
 
 
 class Node:
@@ -140,7 +162,7 @@ class Node:
         self._loops: list[asyncio.Task[None]] = []
         self._last_heads: dict[str, int] = {}
         self._reconcile_now = asyncio.Event()
-        self._registrar = _Registrar(ledger, self._spawn)
+        self._registrar = _Registrar(ledger, self._spawn, config.device_limit, self._evict)
         self.outbox = Outbox(broker, self._spawn)
         self.draining = False
 
@@ -214,7 +236,9 @@ class Node:
 
     # -- connections ------------------------------------------------------------------------
 
-    def new_client(self, sink: Any, user: str, device: str) -> Client:
+    def new_client(
+        self, sink: Any, user: str, device: str, budget: TokenBucket | None = None
+    ) -> Client:
         return Client(
             sink,
             user,
@@ -225,6 +249,7 @@ class Node:
             on_close=self._on_close,
             rate=self.config.rate_limit_per_second,
             rate_burst=self.config.rate_limit_burst,
+            budget=budget,
         )
 
     async def connect(self, client: Client, after: int | None) -> int:
@@ -388,6 +413,20 @@ class Node:
         ]
         self.outbox.send(messages, retry=True)
 
+    def _evict(self, devices: list[tuple[str, str]]) -> None:
+        """Devices deleted to make room under the device limit: close them on every node."""
+        for user, device in devices:
+            self.metrics.device_limit.labels("evicted").inc()
+            log.warning(
+                "device limit: user %s has over %d devices; evicted %s, the least recently seen",
+                user,
+                self.config.device_limit.cap if self.config.device_limit else 0,
+                device,
+            )
+        self.outbox.send(
+            [(user_channel(u), encode_evict(Evict(u, d))) for u, d in devices], retry=True
+        )
+
     # -- fan-out ------------------------------------------------------------------------------
 
     def _on_message(self, channel: str, payload: bytes) -> None:
@@ -398,6 +437,11 @@ class Node:
             return
         if isinstance(message, Replace):
             self._on_replace(message)
+            return
+        if isinstance(message, Evict):
+            client = self.hub.device(message.user, message.device)
+            if client is not None:
+                client.close(EVICTED)
             return
         now = now_ms()
         for client in self.hub.clients(message.user):
@@ -587,14 +631,32 @@ class Node:
 
     async def _prune_loop(self) -> None:
         while True:
+            await self.prune()
             await asyncio.sleep(60.0)
-            try:
-                n = await self.ledger.prune(now_ms() - self.config.retention_seconds * 1000)
-            except LedgerUnavailable as exc:
-                log.warning("prune skipped: %s", exc)
-                continue
-            if n:
-                log.info("pruned %d events older than the retention period", n)
+
+    async def prune(self) -> None:
+        """Delete events and devices older than the retention period.
+
+        A device connected here is marked seen first: one that stays connected for
+        longer than the retention period without acking is not a stale device.
+        """
+        now = now_ms()
+        for client in self.hub.all():
+            self.cursors.seen(client.user, client.device, now)
+        before = now - self.config.retention_seconds * 1000
+        try:
+            await self.flush_cursors()
+            events = await self.ledger.prune(before)
+            devices = await self.ledger.prune_devices(before)
+        except LedgerUnavailable as exc:
+            log.warning("prune skipped: %s", exc)
+            return
+        if events or devices:
+            log.info(
+                "pruned %d events and %d devices older than the retention period",
+                events,
+                devices,
+            )
 
 
 def _seq(d: Delivery) -> int:

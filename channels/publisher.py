@@ -34,6 +34,13 @@ class PublishError(Exception):
         self.status = status
         self.body = body
 
+    @property
+    def code(self) -> str | None:
+        """The server's error code (``id_conflict``, ``invalid``, ...), if it sent one."""
+        error = self.body.get("error") if isinstance(self.body, dict) else None
+        code = error.get("code") if isinstance(error, dict) else None
+        return code if isinstance(code, str) else None
+
 
 @dataclass(frozen=True, slots=True)
 class PublishResult:
@@ -74,9 +81,12 @@ def _results(response: httpx.Response, many: bool) -> list[PublishResult]:
     except ValueError:
         body = response.text
     if response.status_code not in (200, 201):
-        message = body.get("error", {}).get("message") if isinstance(body, dict) else None
+        error = body.get("error") if isinstance(body, dict) else None
+        message = error.get("message") if isinstance(error, dict) else None
+        code = error.get("code") if isinstance(error, dict) else None
         raise PublishError(
-            f"publish refused with HTTP {response.status_code}: {message or body}",
+            f"publish refused with HTTP {response.status_code}"
+            f"{f' {code}' if code else ''}: {message or body}",
             response.status_code,
             body,
         )

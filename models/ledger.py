@@ -14,6 +14,8 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import time
 from collections import Counter
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, event, func, or_, select, text, update
+from sqlalchemy import and_, bindparam, event, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -44,6 +46,17 @@ class LedgerRefused(Exception):
     """The database refused the data itself (retrying the same input cannot succeed)."""
 
 
+class IdConflict(LedgerRefused):
+    """Ids of the batch are taken by events of other content; nothing was recorded.
+
+    ``indexes`` are the positions in the batch of the events that conflict.
+    """
+
+    def __init__(self, indexes: list[int]) -> None:
+        super().__init__(f"{len(indexes)} event id(s) already used for other content")
+        self.indexes = indexes
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -59,6 +72,25 @@ class NewEvent:
     device: str | None = None
     ttl: int | None = None
     collapse: str | None = None
+    digest: str = ""
+    """What makes two events with one ``id`` the same (see :func:`content_digest`);
+    empty: computed from the fields as they are."""
+
+    def content(self) -> str:
+        return self.digest or content_digest(
+            self.user, self.kind, self.data, self.device, self.ttl, self.collapse
+        )
+
+
+def content_digest(
+    user: str, kind: str, data: str | bytes, device: str | None, ttl: int | None,
+    collapse: str | None,
+) -> str:  # fmt: skip
+    """SHA-256 of an event's content; ``data`` should be encoded with sorted keys, so that
+    a retry that orders the keys of ``data`` differently is still the same event."""
+    raw = data.encode() if isinstance(data, str) else data
+    head = json.dumps([user, kind, device, ttl, collapse], separators=(",", ":"))
+    return hashlib.sha256(head.encode() + b"\n" + raw).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +139,25 @@ class Registration:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceLimit:
+    """At most ``cap`` devices per user; past it a new device is refused, or (``evict``)
+    the user's least recently seen devices are deleted to make room for it."""
+
+    cap: int
+    evict: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The outcome of a batch of registrations: registered devices, the new devices
+    refused by the device limit, and the devices evicted to make room."""
+
+    registered: dict[tuple[str, str], Registration]
+    refused: set[tuple[str, str]]
+    evicted: list[tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceState:
     user: str
     device: str
@@ -142,13 +193,15 @@ _EVENT_KEYS = (
     "created_at",
     "expires_at",
     "collapse",
+    "digest",
 )
 _PG_INSERT_EVENTS = text(
-    "INSERT INTO events (user_id, seq, id, device_id, kind, data, created_at, expires_at, collapse)"
+    "INSERT INTO events (user_id, seq, id, device_id, kind, data, created_at, expires_at,"
+    " collapse, digest)"
     " SELECT * FROM unnest(CAST(:user_id AS text[]), CAST(:seq AS bigint[]),"
     " CAST(:id AS text[]), CAST(:device_id AS text[]), CAST(:kind AS text[]),"
     " CAST(:data AS text[]), CAST(:created_at AS bigint[]), CAST(:expires_at AS bigint[]),"
-    " CAST(:collapse AS text[]))"
+    " CAST(:collapse AS text[]), CAST(:digest AS text[]))"
     " ON CONFLICT (id) DO NOTHING RETURNING id"
 )
 _PG_ALLOCATE = text(
@@ -163,10 +216,14 @@ _PG_REGISTER = text(
     " SELECT u, d, 0, 0, :now, :now"
     " FROM unnest(CAST(:users AS text[]), CAST(:devices AS text[])) AS v(u, d)"
     " ON CONFLICT (user_id, device_id) DO UPDATE SET last_seen = EXCLUDED.last_seen"
-    " RETURNING user_id, device_id, acked_seq)"
+    " RETURNING user_id, device_id, acked_seq, (xmax = 0) AS inserted)"
     " SELECT up.user_id, up.device_id, up.acked_seq, COALESCE(s.last_seq, 0),"
-    " COALESCE(s.pruned_seq, 0)"
+    " COALESCE(s.pruned_seq, 0), up.inserted"
     " FROM up LEFT JOIN streams s ON s.user_id = up.user_id"
+)
+_PG_LOCK_USERS = text(
+    "SELECT pg_advisory_xact_lock(hashtext('courier.devices:' || u))"
+    " FROM unnest(CAST(:users AS text[])) AS u ORDER BY u"
 )
 _sqlite_devices = sqlite.insert(devices)
 _SQLITE_REGISTER = _sqlite_devices.on_conflict_do_update(
@@ -256,8 +313,9 @@ class Ledger:
     async def record(self, batch: Sequence[NewEvent], now: int | None = None) -> list[Recorded]:
         """Record a batch in one transaction; answers in the batch's order.
 
-        A repeated ``id`` (in the ledger already, or earlier in the same batch) is a
-        duplicate: it records nothing and answers with the first event's seq.
+        A repeated ``id`` (in the ledger already, or earlier in the same batch) with the
+        same content is a duplicate: it records nothing and answers with the first event's
+        seq. With other content it raises ``IdConflict`` and nothing of the batch is written.
         """
         if not batch:
             return []
@@ -279,9 +337,19 @@ class Ledger:
         ids = list(dict.fromkeys(e.id for e in batch))
         known = await self._lookup_ids(conn, ids)
         fresh: dict[str, NewEvent] = {}
-        for e in batch:
-            if e.id not in known and e.id not in fresh:
+        conflicts: list[int] = []
+        for i, e in enumerate(batch):
+            if e.id in known:
+                digest = known[e.id][2]
+                if digest is not None and digest != e.content():
+                    conflicts.append(i)
+            elif e.id in fresh:
+                if fresh[e.id].content() != e.content():
+                    conflicts.append(i)
+            else:
                 fresh[e.id] = e
+        if conflicts:
+            raise IdConflict(conflicts)
 
         stored: dict[str, StoredEvent] = {}
         if fresh:
@@ -315,6 +383,7 @@ class Ledger:
                         "created_at": ev.created_at,
                         "expires_at": ev.expires_at,
                         "collapse": ev.collapse,
+                        "digest": e.content(),
                     }
                 )
             inserted = await self._insert_events(conn, rows)
@@ -322,7 +391,15 @@ class Ledger:
             if raced:  # a concurrent batch recorded the same id first: it wins
                 for key in raced:
                     del stored[key]
-                known.update(await self._lookup_ids(conn, raced))
+                won = await self._lookup_ids(conn, raced)
+                clash = [
+                    i
+                    for i, e in enumerate(batch)
+                    if e.id in won and won[e.id][2] not in (None, e.content())
+                ]
+                if clash:
+                    raise IdConflict(clash)
+                known.update(won)
             await self._supersede(conn, stored.values())
 
         answers: list[Recorded] = []
@@ -335,20 +412,22 @@ class Ledger:
             elif mine is not None:
                 answers.append(Recorded(e.id, mine.user, mine.seq, True, None))
             else:
-                user, seq = known[e.id]
+                user, seq, _ = known[e.id]
                 answers.append(Recorded(e.id, user, seq, True, None))
         return answers
 
     async def _lookup_ids(
         self, conn: AsyncConnection, ids: list[str]
-    ) -> dict[str, tuple[str, int]]:
-        found: dict[str, tuple[str, int]] = {}
+    ) -> dict[str, tuple[str, int, str | None]]:
+        """The user, seq and content digest of each id already recorded (events recorded
+        before digests were kept have none: they match any content)."""
+        found: dict[str, tuple[str, int, str | None]] = {}
         for i in range(0, len(ids), _CHUNK):
-            stmt = select(events.c.id, events.c.user_id, events.c.seq).where(
+            stmt = select(events.c.id, events.c.user_id, events.c.seq, events.c.digest).where(
                 events.c.id.in_(ids[i : i + _CHUNK])
             )
             for row in await conn.execute(stmt):
-                found[row[0]] = (row[1], row[2])
+                found[row[0]] = (row[1], row[2], row[3])
         return found
 
     async def _allocate(self, conn: AsyncConnection, counts: Counter[str]) -> dict[str, int]:
@@ -449,20 +528,35 @@ class Ledger:
 
     async def touch_device(self, user: str, device: str, now: int | None = None) -> int:
         """Register one connecting device (or refresh it); answers its acked cursor."""
-        return (await self.register_devices([(user, device)], now))[(user, device)].acked
+        admission = await self.register_devices([(user, device)], now)
+        return admission.registered[(user, device)].acked
 
     async def register_devices(
-        self, keys: Sequence[tuple[str, str]], now: int | None = None
-    ) -> dict[tuple[str, str], Registration]:
+        self,
+        keys: Sequence[tuple[str, str]],
+        now: int | None = None,
+        limit: DeviceLimit | None = None,
+    ) -> Admission:
         """Register (or refresh) connecting devices in one transaction.
 
         Answers the acked cursor, the user's stream head and pruned seq per
         ``(user, device)``: a device whose resume point is at the head needs no backfill
         read at all, and one below the pruned seq missed events to retention.
+
+        With a ``limit``, a device new to its user that would take the user past
+        ``limit.cap`` devices is refused (not registered), or the user's least recently
+        seen other devices are deleted to make room (``limit.evict``). Known devices
+        cost one statement per batch; only a batch with new devices reads the users'
+        device lists (on PostgreSQL under a per-user lock, so that nodes admitting
+        devices of one user at once cannot pass the cap together).
         """
         now = now_ms() if now is None else now
-        keys = list(dict.fromkeys(keys))  # one row may be upserted once per statement
+        # Each row once per statement, in one order everywhere (no lock-order deadlocks).
+        keys = sorted(set(keys))
         found: dict[tuple[str, str], Registration] = {}
+        new: set[tuple[str, str]] = set()
+        refused: set[tuple[str, str]] = set()
+        evicted: list[tuple[str, str]] = []
         async with self._tx() as conn:
             for i in range(0, len(keys), _CHUNK):
                 chunk = keys[i : i + _CHUNK]
@@ -475,13 +569,13 @@ class Ledger:
                             "now": now,
                         },
                     )
-                    found.update(
-                        {
-                            (r[0], r[1]): Registration(int(r[2]), int(r[3]), int(r[4]))
-                            for r in result
-                        }
-                    )
+                    for r in result:
+                        found[(r[0], r[1])] = Registration(int(r[2]), int(r[3]), int(r[4]))
+                        if r[5]:
+                            new.add((r[0], r[1]))
                     continue
+                if limit is not None:
+                    new.update(await self._unknown(conn, chunk))
                 acked = await conn.execute(
                     _SQLITE_REGISTER,
                     [
@@ -507,7 +601,65 @@ class Ledger:
                     )
                 }
                 found.update({k: Registration(cursors[k], *heads.get(k[0], (0, 0))) for k in chunk})
-        return found
+            if limit is not None and new:
+                refused, evicted = await self._enforce(conn, new, limit)
+                for key in refused:
+                    del found[key]
+        return Admission(found, refused, evicted)
+
+    async def _unknown(
+        self, conn: AsyncConnection, keys: Sequence[tuple[str, str]]
+    ) -> set[tuple[str, str]]:
+        users = sorted({u for u, _ in keys})
+        stmt = select(devices.c.user_id, devices.c.device_id).where(devices.c.user_id.in_(users))
+        known = {(r[0], r[1]) for r in await conn.execute(stmt)}
+        return {k for k in keys if k not in known}
+
+    async def _enforce(
+        self, conn: AsyncConnection, new: set[tuple[str, str]], limit: DeviceLimit
+    ) -> tuple[set[tuple[str, str]], list[tuple[str, str]]]:
+        """Apply the device limit to the users of ``new`` (devices just inserted)."""
+        users = sorted({u for u, _ in new})
+        if self.dialect == "postgresql":
+            await conn.execute(_PG_LOCK_USERS, {"users": users})
+        owned: dict[str, list[str]] = {}
+        for i in range(0, len(users), _CHUNK):
+            stmt = (
+                select(devices.c.user_id, devices.c.device_id)
+                .where(devices.c.user_id.in_(users[i : i + _CHUNK]))
+                .order_by(devices.c.user_id, devices.c.last_seen, devices.c.device_id)
+            )
+            for r in await conn.execute(stmt):
+                owned.setdefault(r[0], []).append(r[1])
+        refused: set[tuple[str, str]] = set()
+        evicted: list[tuple[str, str]] = []
+        for user in users:
+            mine = owned.get(user, [])  # least recently seen first
+            excess = len(mine) - limit.cap
+            if excess <= 0:
+                continue
+            if limit.evict:
+                older = [d for d in mine if (user, d) not in new]
+                evicted += [(user, d) for d in older[:excess]]
+                excess -= min(excess, len(older))
+            # Refused (or, evicting, still over: the batch alone brings more than the cap).
+            arrivals = sorted(d for d in mine if (user, d) in new)
+            refused.update((user, d) for d in arrivals[len(arrivals) - excess :] if excess > 0)
+        gone = [*evicted, *refused]
+        for i in range(0, len(gone), _CHUNK):
+            part = gone[i : i + _CHUNK]
+            await conn.execute(
+                devices.delete().where(
+                    or_(*(and_(devices.c.user_id == u, devices.c.device_id == d) for u, d in part))
+                )
+            )
+        return refused, evicted
+
+    async def prune_devices(self, before: int) -> int:
+        """Delete devices not seen since ``before`` (ms); answers how many."""
+        async with self._tx() as conn:
+            result = await conn.execute(devices.delete().where(devices.c.last_seen < before))
+            return int(getattr(result, "rowcount", 0) or 0)
 
     async def flush_cursors(self, moves: Sequence[Cursor]) -> None:
         """Move many devices' cursors forward in one statement (never backward)."""

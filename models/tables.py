@@ -35,6 +35,8 @@ events = Table(
     Column("expires_at", BigInteger, nullable=True),
     Column("collapse", String(200), nullable=True),
     Column("superseded_by", BigInteger, nullable=True),
+    # SHA-256 of the content: a reused id with other content is a conflict, not a duplicate.
+    Column("digest", String(64), nullable=True),
     Index("events_id_key", "id", unique=True),
     Index("events_user_collapse_idx", "user_id", "collapse"),
     Index("events_created_at_idx", "created_at"),
@@ -50,4 +52,5 @@ devices = Table(
     Column("sent_seq", BigInteger, nullable=False, server_default="0"),
     Column("created_at", BigInteger, nullable=False),
     Column("last_seen", BigInteger, nullable=False),
+    Index("devices_last_seen_idx", "last_seen"),
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from typing import Any
@@ -12,7 +13,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from channels.frames import iso_ms
-from models.ledger import LedgerRefused, LedgerUnavailable, NewEvent, delivery_status, now_ms
+from models.ledger import (
+    IdConflict,
+    LedgerRefused,
+    LedgerUnavailable,
+    NewEvent,
+    content_digest,
+    delivery_status,
+    now_ms,
+)
 from server.auth import IDENT, KIND
 from server.services import Limits, services_of
 
@@ -35,11 +44,17 @@ class InputError(Exception):
         self.status = status
 
 
-def error_response(status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body: dict[str, Any] = {"code": code, "message": message}
     if field is not None:
         body["field"] = field
-    return JSONResponse({"error": body}, status_code=status)
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
 def unauthorized() -> JSONResponse:
@@ -110,14 +125,19 @@ def parse_event(obj: Any, path: str, limits: Limits) -> NewEvent:
             f"{path}collapse",
             f"collapse must be null or 1-{MAX_ID} characters, no control characters",
         )
+    device = ident("device", False)
     return NewEvent(
         id=event_id,
         user=user,
         kind=kind,
         data=encoded.decode(),
-        device=ident("device", False),
+        device=device,
         ttl=ttl,
         collapse=collapse,
+        # Key order inside data does not make another event: a retry may reorder keys.
+        digest=content_digest(
+            user, kind, msgspec.json.encode(data, order="sorted"), device, ttl, collapse
+        ),
     )
 
 
@@ -150,16 +170,25 @@ def parse_body(raw: bytes, limits: Limits) -> tuple[list[NewEvent], bool]:
     return [parse_event(body, "", limits)], False
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, seconds: float) -> bytes:
+    """The body, at most ``limit`` bytes (else 413), in full within ``seconds`` (else 408)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise InputError("$", f"the body is over {limit} bytes", code="too_large", status=413)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise InputError("$", f"the body is over {limit} bytes", code="too_large", status=413)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(seconds):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise InputError(
+                        "$", f"the body is over {limit} bytes", code="too_large", status=413
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
+        raise InputError(
+            "$", f"the body did not arrive within {seconds:g}s", code="body_timeout", status=408
+        ) from None
     return b"".join(chunks)
 
 
@@ -169,14 +198,26 @@ async def publish(request: Request) -> Response:
         return unauthorized()
     limits = svc.limits
     try:
-        raw = await read_body(request, limits.max_batch * (limits.max_data_bytes + 2048) + 4096)
+        raw = await read_body(
+            request, limits.max_batch * (limits.max_data_bytes + 2048) + 4096, limits.body_timeout
+        )
         batch, is_list = parse_body(raw, limits)
     except InputError as exc:
-        return error_response(exc.status, exc.code, exc.message, exc.field)
+        headers = {"Connection": "close"} if exc.status in (408, 413) else None
+        return error_response(exc.status, exc.code, exc.message, exc.field, headers)
     try:
         answers = await svc.node.publish(batch)
     except LedgerUnavailable as exc:
         return unavailable(exc)
+    except IdConflict as exc:
+        first = exc.indexes[0]
+        return error_response(
+            409,
+            "id_conflict",
+            f"id {batch[first].id!r} was already used for an event with other content;"
+            " nothing was recorded (use a new id for new content)",
+            f"[{first}].id" if is_list else "id",
+        )
     except LedgerRefused as exc:
         return error_response(422, "refused", f"the ledger refused the events: {exc}")
     items = [{"id": a.id, "seq": a.seq, "duplicate": a.duplicate} for a in answers]

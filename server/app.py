@@ -14,10 +14,11 @@ from channels.broker import Broker, MemoryBroker
 from channels.metrics import Metrics
 from channels.node import Node, NodeConfig
 from channels.presence import LocalPresence, Presence
-from models.ledger import Ledger, LedgerUnavailable, head_revision
+from models.ledger import DeviceLimit, Ledger, LedgerUnavailable, head_revision
 from server import api, ops, transport, websocket
 from server.auth import Auth
 from server.drain import DrainOnTerm
+from server.guard import Guard
 from server.services import Limits, Services
 from server.settings import Settings
 
@@ -39,6 +40,11 @@ def node_config(settings: Settings) -> NodeConfig:
         retention_seconds=settings.retention_seconds,
         rate_limit_per_second=settings.rate_limit_per_second,
         rate_limit_burst=settings.rate_limit_burst,
+        device_limit=(
+            DeviceLimit(settings.max_devices_per_user, settings.device_limit_policy == "evict")
+            if settings.max_devices_per_user
+            else None
+        ),
     )
 
 
@@ -138,7 +144,12 @@ def create_app(settings: Settings) -> Starlette:
         except BaseException:
             await ledger.close()
             raise
-        limits = Limits(settings.max_data_bytes, settings.max_batch, settings.retention_seconds)
+        limits = Limits(
+            settings.max_data_bytes,
+            settings.max_batch,
+            settings.retention_seconds,
+            body_timeout=settings.handshake_timeout,
+        )
         for reason in transport.REASONS:
             metrics.transport_refusals.labels(reason)
         transport.count_refusals(lambda reason: metrics.transport_refusals.labels(reason).inc())
@@ -151,6 +162,7 @@ def create_app(settings: Settings) -> Starlette:
             presence=presence,
             metrics=metrics,
             limits=limits,
+            guard=Guard(settings, metrics),
         )
         drain = DrainOnTerm(node, settings.drain_batch, settings.drain_seconds)
         drain.install()

@@ -67,7 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop="uvloop",
         http=HTTP_PROTOCOL if args.ws == "courier" else "httptools",
         ws=WS_IMPLEMENTATIONS[args.ws],
-        log_config=log_config(args.log_level),
+        log_config=log_config(args.log_level, settings.log_format),
         ws_per_message_deflate=settings.ws_per_message_deflate,
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=settings.heartbeat_seconds,

@@ -34,15 +34,27 @@ class RedactSecrets(logging.Filter):
         return True
 
 
-def log_config(level: str) -> dict[str, Any]:
-    """The ``dictConfig`` for uvicorn and Courier at ``level`` (``info``, ``debug``, ...)."""
+_JSON = {
+    "()": "pythonjsonlogger.json.JsonFormatter",
+    "fmt": "%(asctime)s %(levelname)s %(name)s %(process)d %(message)s",
+    "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+}
+"""One JSON object per line (``time``, ``level``, ``logger``, ``process``, ``message``, and
+``exc_info`` with the traceback of an error): for log drains that parse lines."""
+
+
+def log_config(level: str, fmt: str = "text") -> dict[str, Any]:
+    """The ``dictConfig`` for uvicorn and Courier at ``level`` (``info``, ``debug``, ...);
+    ``fmt`` is ``text`` (for people) or ``json`` (for log drains)."""
     level = level.upper()
     redacting = ["redact"]
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "filters": {"redact": {"()": "server.logs.RedactSecrets"}},
-        "formatters": {
+        "formatters": {"default": _JSON, "access": _JSON, "courier": _JSON}
+        if fmt == "json"
+        else {
             "default": {
                 "()": "uvicorn.logging.DefaultFormatter",
                 "fmt": "%(levelprefix)s %(message)s",

@@ -11,6 +11,7 @@ from channels.metrics import Metrics
 from channels.node import Node
 from channels.presence import Presence
 from server.auth import Auth
+from server.guard import Guard
 from server.settings import Settings
 
 
@@ -21,6 +22,8 @@ class Limits:
     max_data_bytes: int
     max_batch: int
     max_ttl: int
+    body_timeout: float = 10.0
+    """Seconds a publish body has to arrive in full (a trickled body is a 408)."""
 
 
 @dataclass
@@ -31,6 +34,7 @@ class Services:
     presence: Presence
     metrics: Metrics
     limits: Limits
+    guard: Guard
 
 
 def services_of(conn: HTTPConnection) -> Services:

@@ -42,6 +42,7 @@ class Settings:
     dev_file: str = DEFAULT_DEV_FILE
     host: str = "127.0.0.1"
     port: int = 8000
+    log_format: str = "text"
     node_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
     # Device connections.
     heartbeat_seconds: float = 25.0
@@ -56,6 +57,17 @@ class Settings:
     max_url_bytes: int = 8192
     max_header_bytes: int = 16 * 1024
     max_output_bytes: int = 1024 * 1024
+    # Abuse limits (server/guard.py and the device limit of the ledger).
+    max_connections: int = 19_000
+    max_devices_per_user: int = 10
+    device_limit_policy: str = "refuse"
+    handshake_rate: float = 20.0
+    handshake_burst: int = 500
+    auth_fail_rate: float = 1.0
+    auth_fail_burst: int = 30
+    reconnect_rate: float = 0.5
+    reconnect_burst: int = 10
+    allowed_origins: tuple[str, ...] = ()
     # Publishing and the ledger.
     max_data_bytes: int = 16 * 1024
     max_batch: int = 1000
@@ -98,6 +110,7 @@ class Settings:
             dev_file=r.text("COURIER_DEV_FILE") or DEFAULT_DEV_FILE,
             host=r.text("COURIER_HOST") or "127.0.0.1",
             port=r.integer("COURIER_PORT", r.integer("PORT", 8000, 1, 65535), 1, 65535),
+            log_format=r.choice("COURIER_LOG_FORMAT", ("text", "json"), "text"),
             node_id=r.text("COURIER_NODE_ID") or Settings().node_id,
             heartbeat_seconds=r.number("COURIER_HEARTBEAT_SECONDS", 25.0, 1.0, 3600.0),
             send_queue_size=r.integer("COURIER_SEND_QUEUE", 1024, 1, 1_000_000),
@@ -112,6 +125,18 @@ class Settings:
             max_output_bytes=r.integer(
                 "COURIER_MAX_OUTPUT_BYTES", 1024 * 1024, 64 * 1024, 1024 * 1024 * 1024
             ),
+            max_connections=r.integer("COURIER_MAX_CONNECTIONS", 19_000, 1, 10_000_000),
+            max_devices_per_user=r.integer("COURIER_MAX_DEVICES_PER_USER", 10, 0, 1_000_000),
+            device_limit_policy=r.choice(
+                "COURIER_DEVICE_LIMIT_POLICY", ("refuse", "evict"), "refuse"
+            ),
+            handshake_rate=r.number("COURIER_HANDSHAKE_RATE", 20.0, 0.01, 1e6),
+            handshake_burst=r.integer("COURIER_HANDSHAKE_BURST", 500, 1, 10_000_000),
+            auth_fail_rate=r.number("COURIER_AUTH_FAIL_RATE", 1.0, 0.001, 1e6),
+            auth_fail_burst=r.integer("COURIER_AUTH_FAIL_BURST", 30, 1, 10_000_000),
+            reconnect_rate=r.number("COURIER_RECONNECT_RATE", 0.5, 0.001, 1e6),
+            reconnect_burst=r.integer("COURIER_RECONNECT_BURST", 10, 1, 10_000_000),
+            allowed_origins=_origins(r.text("COURIER_ALLOWED_ORIGINS")),
             max_data_bytes=r.integer("COURIER_MAX_DATA_BYTES", 16 * 1024, 2, 1024 * 1024),
             max_batch=r.integer("COURIER_MAX_BATCH", 1000, 1, 10_000),
             retention_seconds=r.integer("COURIER_RETENTION_SECONDS", 86400, 60, 365 * 86400),
@@ -214,6 +239,24 @@ def normalize_database_url(raw: str, name: str = "COURIER_DATABASE_URL") -> str:
     else:
         raise SettingsError(f"{name}: unsupported database {backend!r} (use postgresql or sqlite)")
     return url.render_as_string(hide_password=False)
+
+
+def _origins(raw: str | None) -> tuple[str, ...]:
+    """``https://app.example.com,https://ops.example.com``: exact origins, no paths."""
+    if raw is None:
+        return ()
+    found = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        scheme, sep, rest = item.partition("://")
+        if not sep or scheme not in ("http", "https") or not rest or "/" in rest:
+            raise SettingsError(
+                "COURIER_ALLOWED_ORIGINS must be comma-separated origins such as"
+                f" https://app.example.com (scheme and host, no path), got {item!r}"
+            )
+        found.append(item)
+    return tuple(found)
 
 
 def _check_redis_url(raw: str | None) -> str | None:

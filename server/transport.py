@@ -21,8 +21,10 @@ Under any other ASGI server the app works as before, without these guarantees.
   whatever else arrived in the same read (a close frame) is handled, never raised.
 * No exception escapes ``data_received``: a protocol error drops that connection
   only, with one WARNING.
-* Pings from the peer are charged to a token bucket of ``COURIER_RATE_LIMIT`` per
-  second (``COURIER_RATE_BURST`` at once); a peer past it, or one whose unread
+* Pings from the peer are charged to the connection's frame budget, the token bucket
+  of ``COURIER_RATE_LIMIT`` per second (``COURIER_RATE_BURST`` at once) that its data
+  frames are charged to too (handed to the app in ``scope["extensions"]``); a peer
+  past it with a ping, or one whose unread
   output (pongs and frames) exceeds ``COURIER_MAX_OUTPUT_BYTES``, is dropped: it
   does not read, so it could not take a close frame either.
 
@@ -36,7 +38,6 @@ import asyncio
 import functools
 import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,8 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
+
+from channels.limits import SCOPE_KEY, TokenBucket
 
 log = logging.getLogger("courier.transport")
 
@@ -190,8 +193,13 @@ class CourierWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._limits = limits()
-        self._ping_tokens = float(self._limits.ping_burst)
-        self._ping_at = time.monotonic()
+        self._budget = TokenBucket(self._limits.ping_rate, self._limits.ping_burst)
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        # The application charges the device's data frames to the same bucket as its pings.
+        extensions: dict[str, Any] = self.scope["extensions"]
+        extensions[SCOPE_KEY] = self._budget
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -225,16 +233,9 @@ class CourierWebSocketProtocol(WebSocketsSansIOProtocol):
         super().send_receive_event_to_app()
 
     def handle_ping(self) -> None:
-        now = time.monotonic()
-        self._ping_tokens = min(
-            self._limits.ping_burst,
-            self._ping_tokens + (now - self._ping_at) * self._limits.ping_rate,
-        )
-        self._ping_at = now
-        if self._ping_tokens < 1.0:
+        if not self._budget.take():
             self._drop("ping_flood", "pings over the frame rate limit")
             return
-        self._ping_tokens -= 1.0
         super().handle_ping()
         if self.transport.get_write_buffer_size() > self._limits.max_output_bytes:
             self._drop("output_overflow", "the peer does not read what it is sent")

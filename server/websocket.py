@@ -23,9 +23,11 @@ from channels.disconnect import (
     code_label,
 )
 from channels.frames import PONG, error_frame, in_frame_decoder
-from channels.node import Node
+from channels.limits import SCOPE_KEY, TokenBucket
+from channels.node import DeviceRefused, Node
 from models.ledger import LedgerUnavailable
 from server.auth import AuthError, bearer
+from server.guard import Refusal
 from server.services import services_of
 
 log = logging.getLogger("courier.ws")
@@ -46,15 +48,35 @@ def _parse_after(raw: str | None) -> int | None:
     return int(raw)
 
 
+def _deny(refusal: Refusal) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": refusal.code, "message": refusal.message}},
+        status_code=refusal.status,
+        headers=refusal.headers(),
+    )
+
+
 async def device_socket(websocket: WebSocket) -> None:
     svc = services_of(websocket)
-    node, metrics = svc.node, svc.metrics
+    node, metrics, guard = svc.node, svc.metrics, svc.guard
+    if node.draining:
+        metrics.handshake_refusals.labels("draining").inc()
+        await websocket.send_denial_response(
+            _refusal(503, "draining", "this node is shutting down; connect again")
+        )
+        return
+    address = websocket.client.host if websocket.client else "unknown"
+    refusal = guard.before_auth(address, websocket.headers.get("origin"), node.hub.connections)
+    if refusal is not None:
+        await websocket.send_denial_response(_deny(refusal))
+        return
     header = bearer(websocket.headers.get("authorization"))
     token = header.decode() if header else websocket.query_params.get("token")
     try:
         identity = svc.auth.verify_device_token(token)
         after = _parse_after(websocket.query_params.get("after"))
     except AuthError as exc:
+        guard.auth_failed(address)
         metrics.handshake_refusals.labels(exc.code).inc()
         await websocket.send_denial_response(_refusal(401, exc.code, exc.message))
         return
@@ -62,22 +84,47 @@ async def device_socket(websocket: WebSocket) -> None:
         metrics.handshake_refusals.labels("bad_after").inc()
         await websocket.send_denial_response(_refusal(400, "bad_after", str(exc)))
         return
-    if node.draining:
-        metrics.handshake_refusals.labels("draining").inc()
-        await websocket.send_denial_response(
-            _refusal(503, "draining", "this node is shutting down; connect again")
-        )
+    refusal = guard.reconnect(identity.user, identity.device, address)
+    if refusal is not None:
+        await websocket.send_denial_response(_deny(refusal))
         return
 
-    await websocket.accept()
-    client = node.new_client(websocket, identity.user, identity.device)
+    # Registered before the upgrade, so that a device past the device limit is refused
+    # with an HTTP answer; frames queued meanwhile (hello, backfill) go out once accepted.
+    budget = websocket.scope.get("extensions", {}).get(SCOPE_KEY)
+    client = node.new_client(
+        websocket,
+        identity.user,
+        identity.device,
+        budget if isinstance(budget, TokenBucket) else None,
+    )
     try:
         await node.connect(client, after)
+    except DeviceRefused:
+        metrics.device_limit.labels("refused").inc()
+        log.warning(
+            "device limit: user %s has %d devices already; new device %s refused",
+            identity.user,
+            svc.settings.max_devices_per_user,
+            identity.device,
+        )
+        refusal = guard.refuse(
+            Refusal(403, "device_limit", "this user has the most devices allowed"),
+            f"{address} ({identity.user}/{identity.device})",
+        )
+        await websocket.send_denial_response(_deny(refusal))
+        return
     except (LedgerUnavailable, BrokerUnavailable) as exc:
         log.warning("connection of %s/%s refused: %s", identity.user, identity.device, exc)
         metrics.disconnects.labels(code_label(TRY_AGAIN.code)).inc()
+        await websocket.accept()
         await websocket.close(TRY_AGAIN.code, TRY_AGAIN.reason)
         return
+    try:
+        await websocket.accept()
+    except BaseException:
+        node.disconnect(client)
+        raise
 
     loop = asyncio.get_running_loop()
     expiry = loop.call_later(

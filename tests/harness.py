@@ -48,6 +48,17 @@ def token(
     return jwt.encode(body, secret, algorithm="HS256")
 
 
+UNLIMITED = {
+    "COURIER_HANDSHAKE_RATE": "1000000",
+    "COURIER_HANDSHAKE_BURST": "1000000",
+    "COURIER_AUTH_FAIL_RATE": "1000000",
+    "COURIER_AUTH_FAIL_BURST": "1000000",
+    "COURIER_RECONNECT_RATE": "1000000",
+    "COURIER_RECONNECT_BURST": "1000000",
+    "COURIER_MAX_DEVICES_PER_USER": "0",
+}
+
+
 class ServerProcess:
     """``courier serve`` in a subprocess, on its own port, logging to a file."""
 
@@ -78,6 +89,9 @@ class ServerProcess:
             "COURIER_OPS_TOKEN": OPS_TOKEN,
             "COURIER_DRAIN_SECONDS": "3",
             "PYTHONUNBUFFERED": "1",
+            # Every test client comes from 127.0.0.1: the abuse limits are tested on their
+            # own (tests/test_limits.py) and out of the way everywhere else.
+            **UNLIMITED,
             **({"COURIER_REDIS_URL": redis_url} if redis_url else {}),
             **(env or {}),
         }

@@ -80,10 +80,12 @@ def test_token_listen_and_publish(server: ServerProcess) -> None:
         )
         assert first.returncode == 0, first.stderr
         assert json.loads(first.stdout)["duplicate"] is False
-        again = courier(
-            "publish", "--user", user, "--kind", "block.grabbed", "--id", f"grab-{user}", env=env
-        )
-        assert json.loads(again.stdout)["duplicate"] is True
+        grab = ("publish", "--user", user, "--kind", "block.grabbed", "--id", f"grab-{user}")
+        again = courier(*grab, "--data", '{"block_id": "B9"}', env=env)
+        assert json.loads(again.stdout)["duplicate"] is True, again.stderr
+        clash = courier(*grab, "--data", '{"block_id": "B10"}', env=env)
+        assert clash.returncode != 0 and "id_conflict" in clash.stderr, clash.stderr
+        assert len(clash.stderr.strip().splitlines()) == 1
         courier("publish", "--user", user, "--kind", "plan.changed", env=env)
         out, err = listener.communicate(timeout=30)
     finally:

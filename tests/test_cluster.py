@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,7 +107,7 @@ async def test_workers_share_one_port_as_nodes(
         tmp_path,
         redis_url=fresh_redis_db(redis_url, 5),
         workers=2,
-        env={"COURIER_PRESENCE_SECONDS": "0.5"},
+        env={"COURIER_PRESENCE_SECONDS": "0.5", "COURIER_LOG_FORMAT": "json"},
     ).start()
     phones: list[Device] = []
     try:
@@ -126,6 +127,12 @@ async def test_workers_share_one_port_as_nodes(
         server.signal(signal.SIGTERM)
         assert await asyncio.gather(*(p.closed_with() for p in phones)) == [1012] * 40
         assert server.wait(30) == 0
+        # Every line is one JSON object, and each worker's own lines are there, drain too.
+        lines = [json.loads(line) for line in server.log().splitlines() if line.strip()]
+        ours = [r for r in lines if r["logger"].startswith("courier")]
+        ready = {r["process"] for r in ours if " ready (ledger " in r["message"]}
+        draining = {r["process"] for r in ours if r["message"].startswith("draining ")}
+        assert len(ready) == 2 and draining == ready, ours
     finally:
         for p in phones:
             await p.close()

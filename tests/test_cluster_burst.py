@@ -32,8 +32,6 @@ def nodes(
         postgres_url,
         fresh_redis_db(redis_url, 8),
         tmp_path_factory.mktemp("burst"),
-        COURIER_HANDSHAKE_RATE="100000",
-        COURIER_HANDSHAKE_BURST="100000",
     )
     yield cluster
     for node in cluster:

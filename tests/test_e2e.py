@@ -107,12 +107,35 @@ async def test_duplicate_publish_records_once(server: ServerProcess) -> None:
     assert first.status_code == 201 and second.status_code == 200
     assert first.json() == {"id": key, "seq": first.json()["seq"], "duplicate": False}
     assert second.json() == {"id": key, "seq": first.json()["seq"], "duplicate": True}
-    batch = await server.post([{"user": user, "kind": "k", "id": key}, {"user": user, "kind": "k"}])
+    batch = await server.post(
+        [{"user": user, "kind": "block.grabbed", "id": key}, {"user": user, "kind": "k"}]
+    )
     assert batch.status_code == 201
     assert [r["duplicate"] for r in batch.json()] == [True, False]
     events = await phone.events(2)
     assert [e["id"] for e in events] == [key, batch.json()[1]["id"]]
     await phone.close()
+
+
+async def test_a_reused_id_with_other_content_is_a_409_conflict(server: ServerProcess) -> None:
+    user, key = unique(), unique("grab")
+    event = {"user": user, "kind": "block.grabbed", "id": key, "data": {"a": 1, "b": [1, 2]}}
+    assert (await server.post(event)).status_code == 201
+    reordered = {"data": {"b": [1, 2], "a": 1}, "id": key, "kind": "block.grabbed", "user": user}
+    again = await server.post(reordered)
+    assert again.status_code == 200 and again.json()["duplicate"] is True
+    changed = await server.post({**event, "data": {"a": 2, "b": [1, 2]}})
+    assert changed.status_code == 409
+    assert changed.json()["error"]["code"] == "id_conflict"
+    assert changed.json()["error"]["field"] == "id"
+    fresh = unique("new")
+    listed = await server.post([{"user": user, "kind": "k", "id": fresh}, {**event, "ttl": 60}])
+    assert listed.status_code == 409
+    assert listed.json()["error"]["field"] == "[1].id"
+    state = await server.get(f"/v1/events/{fresh}")
+    assert state.status_code == 404  # nothing of the refused list was recorded
+    original = await server.get(f"/v1/events/{key}")
+    assert original.json()["data"] == {"a": 1, "b": [1, 2]}
 
 
 async def test_expired_events_are_not_delivered(server: ServerProcess) -> None:

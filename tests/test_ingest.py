@@ -190,6 +190,25 @@ async def test_ledger_down_leaves_entries_pending_until_it_is_back(env: Env) -> 
     assert entry
 
 
+async def test_a_reused_id_with_other_content_goes_to_the_dead_stream(env: Env) -> None:
+    await env.xadd(ev(env.user, 1))
+    clash = await env.xadd({**ev(env.user, 1), "data": {"n": "other"}})
+    same = await env.xadd(ev(env.user, 1))  # the same content again: a plain duplicate
+    await env.xadd(ev(env.user, 2))
+    consumer = env.consumer("c1")
+    await consumer.ensure_group()
+    await consumer.read_once()
+    dead = await env.redis.xrange(f"{env.stream}:dead")
+    assert [f[b"entry"].decode() for _, f in dead] == [clash]
+    assert dead[0][1][b"reason"].decode().startswith("id_conflict")
+    assert [(e.id, e.data) for e in await env.events()] == [
+        (f"{env.user}-1", '{"n":1}'),
+        (f"{env.user}-2", '{"n":2}'),
+    ]
+    assert same not in [f[b"entry"].decode() for _, f in dead]
+    assert (await env.redis.xpending(env.stream, "courier"))["pending"] == 0
+
+
 async def test_entries_that_are_not_utf8_never_hold_the_stream(env: Env) -> None:
     consumer = env.consumer("c1")
     await consumer.ensure_group()

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
-from models.ledger import Cursor, DeviceState, Ledger, NewEvent, delivery_status
+from models.ledger import (
+    Cursor,
+    DeviceLimit,
+    DeviceState,
+    IdConflict,
+    Ledger,
+    NewEvent,
+    delivery_status,
+)
 from tests.harness import unique
 
 
@@ -129,7 +137,7 @@ async def test_prune_removes_only_old_events_and_keeps_the_pruned_seq(ledger: Le
     assert [r.seq for r in rows] == [3] and head == 3
     nobody = unique()
     reg = await ledger.register_devices([(user, "d"), (other, "d"), (nobody, "d")])
-    assert {k[0]: (r.head, r.pruned) for k, r in reg.items()} == {
+    assert {k[0]: (r.head, r.pruned) for k, r in reg.registered.items()} == {
         user: (3, 2),
         other: (1, 1),
         nobody: (0, 0),
@@ -141,12 +149,84 @@ async def test_register_devices_in_one_batch(ledger: Ledger) -> None:
     await ledger.record([ev(a), ev(a), ev(a)])
     await ledger.flush_cursors([])  # nothing to do
     first = await ledger.register_devices([(a, "p1"), (a, "p2"), (b, "p1"), (a, "p1")], now=5)
-    assert {k: (r.acked, r.head) for k, r in first.items()} == {
+    assert {k: (r.acked, r.head) for k, r in first.registered.items()} == {
         (a, "p1"): (0, 3),
         (a, "p2"): (0, 3),
         (b, "p1"): (0, 0),
     }
     await ledger.flush_cursors([Cursor(a, "p1", 2, 2, 6)])
     again = await ledger.register_devices([(a, "p1")], now=7)
-    assert {k: (r.acked, r.head) for k, r in again.items()} == {(a, "p1"): (2, 3)}
+    assert {k: (r.acked, r.head) for k, r in again.registered.items()} == {(a, "p1"): (2, 3)}
     assert [d.last_seen for d in await ledger.devices(a)] == [7, 5]
+
+
+async def test_a_reused_id_with_other_content_conflicts_and_records_nothing(ledger: Ledger) -> None:
+    user = unique()
+    key = unique("grab")
+    await ledger.record([ev(user, key)])
+    same = await ledger.record([ev(user, key)])
+    assert same[0].duplicate
+    for other in (
+        NewEvent(id=key, user=user, kind="block.grabbed", data='{"n":2}'),
+        NewEvent(id=key, user=unique(), kind="block.grabbed", data='{"n":1}'),
+        NewEvent(id=key, user=user, kind="block.released", data='{"n":1}'),
+        NewEvent(id=key, user=user, kind="block.grabbed", data='{"n":1}', ttl=60),
+        NewEvent(id=key, user=user, kind="block.grabbed", data='{"n":1}', collapse="c"),
+        NewEvent(id=key, user=user, kind="block.grabbed", data='{"n":1}', device="d1"),
+    ):
+        try:
+            await ledger.record([ev(user), other])
+        except IdConflict as exc:
+            assert exc.indexes == [1]
+        else:
+            raise AssertionError(f"{other} was not a conflict")
+    assert await ledger.heads([user]) == {user: 1}  # the batches were not written at all
+    twin = unique("twin")
+    try:
+        await ledger.record([ev(user, twin), NewEvent(twin, user, "block.grabbed", '{"n":3}')])
+    except IdConflict as exc:
+        assert exc.indexes == [1]
+    else:
+        raise AssertionError("a conflict inside one batch was accepted")
+
+
+async def test_device_limit_refuses_new_devices_past_the_cap(ledger: Ledger) -> None:
+    user = unique()
+    cap = DeviceLimit(2)
+    first = await ledger.register_devices([(user, "a"), (user, "b")], now=1, limit=cap)
+    assert set(first.registered) == {(user, "a"), (user, "b")} and not first.refused
+    third = await ledger.register_devices([(user, "c"), (user, "a")], now=2, limit=cap)
+    assert third.refused == {(user, "c")} and set(third.registered) == {(user, "a")}
+    assert [d.device for d in await ledger.devices(user)] == ["a", "b"]
+    burst = await ledger.register_devices([(user, "x"), (user, "y")], now=3, limit=DeviceLimit(3))
+    assert len(burst.refused) == 1 and len(burst.registered) == 1
+    assert len(await ledger.devices(user)) == 3
+
+
+async def test_device_limit_evicts_the_least_recently_seen(ledger: Ledger) -> None:
+    user = unique()
+    cap = DeviceLimit(2, evict=True)
+    await ledger.register_devices([(user, "old")], now=1, limit=cap)
+    await ledger.register_devices([(user, "mid")], now=2, limit=cap)
+    await ledger.register_devices([(user, "old")], now=3, limit=cap)  # "mid" is now the oldest
+    got = await ledger.register_devices([(user, "new")], now=4, limit=cap)
+    assert got.evicted == [(user, "mid")] and not got.refused
+    assert [d.device for d in await ledger.devices(user)] == ["new", "old"]
+
+
+async def test_concurrent_new_devices_never_pass_the_cap(ledger: Ledger) -> None:
+    user = unique()
+    cap = DeviceLimit(3)
+    results = await asyncio.gather(
+        *(ledger.register_devices([(user, f"d{i}")], limit=cap) for i in range(8))
+    )
+    assert sum(len(r.registered) for r in results) == 3
+    assert len(await ledger.devices(user)) == 3
+
+
+async def test_devices_not_seen_for_the_retention_period_are_pruned(ledger: Ledger) -> None:
+    user = unique()
+    await ledger.register_devices([(user, "gone")], now=10)
+    await ledger.register_devices([(user, "here")], now=10**13)
+    assert await ledger.prune_devices(before=11) >= 1
+    assert [d.device for d in await ledger.devices(user)] == ["here"]

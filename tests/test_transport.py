@@ -128,6 +128,19 @@ async def test_oversized_heads_are_answered_414_and_431(edge: ServerProcess) -> 
         writer.close()
 
 
+async def test_a_trickled_publish_body_is_answered_408(edge: ServerProcess) -> None:
+    reader, writer = await _open(edge)
+    writer.write(
+        b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + API_KEY.encode() + b'\r\nContent-Length: 100\r\n\r\n{"us'
+    )
+    await writer.drain()
+    answer = await _read_all(reader, timeout=5)  # the body timeout is 1 s here
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert b'"body_timeout"' in answer and b"connection: close" in answer.lower()
+    writer.close()
+
+
 async def test_a_ping_flood_is_dropped_with_bounded_memory(edge: ServerProcess) -> None:
     user = unique()
     phone = await Device.connect(edge, user, "calm")
