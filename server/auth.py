@@ -125,10 +125,10 @@ def _identity(claims: dict[str, Any], now: float) -> DeviceIdentity:
     if "aud" in claims:
         raise AuthError("bad_token", "the device token must not carry an 'aud' claim")
     for name in _TIME_CLAIMS:
-        value = claims.get(name)
-        if value is None and name != "exp":
+        if name not in claims and name != "exp":
             continue
-        if value is None:
+        value = claims.get(name)
+        if name not in claims:
             raise AuthError("bad_token", "the device token lacks the 'exp' claim")
         if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_TIME:
             raise AuthError(

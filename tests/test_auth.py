@@ -144,6 +144,9 @@ def test_public_key_accepts_its_own_algorithm() -> None:
         _claims(exp=-1),
         _claims(iat="0"),
         _claims(nbf=1.5),
+        _claims(nbf=None),  # found by the fuzzer (a 500 until then)
+        _claims(iat=None),
+        _claims(exp=None),
         _claims(nbf=int(time.time()) + 60),
         _claims(sub=7),
         _claims(did=None),
