@@ -13,7 +13,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from channels.disconnect import SLOW, Disconnect
 from channels.frames import Delivery
@@ -33,6 +33,20 @@ class Sink(Protocol):
     async def close(self, code: int = 1000, reason: str | None = None) -> None: ...
 
 
+@runtime_checkable
+class FastWriter(Protocol):
+    """The transport's door for pre-encoded frames (``courier serve`` provides one per
+    connection, see ``server/transport.py``): bytes of a whole WebSocket frame, built once
+    per event, written straight into the connection's socket buffer."""
+
+    def fast_ready(self) -> bool:
+        """Open, not closing, not paused by flow control, and no extension (deflate) that
+        would make this connection's bytes differ from the shared ones."""
+        ...
+
+    def fast_write(self, wire: bytes) -> None: ...
+
+
 SentHook = Callable[["Client", int, int], None]
 """Called after a frame of an event is written: ``(client, seq, created_at_ms or 0)``."""
 
@@ -44,6 +58,8 @@ class Client:
     __slots__ = (
         "_abort_timer",
         "_drained",
+        "_fast",
+        "_inflight",
         "_on_close",
         "_on_sent",
         "_queue",
@@ -80,8 +96,11 @@ class Client:
         rate: float = 50.0,
         rate_burst: int = 200,
         budget: TokenBucket | None = None,
+        fast: FastWriter | None = None,
     ) -> None:
         self._sink = sink
+        self._fast = fast
+        self._inflight = False  # the writer took a frame off the queue and has not written it
         self.user = user
         self.device = device
         self.conn_id = conn_id
@@ -115,10 +134,30 @@ class Client:
     def queued(self) -> int:
         return len(self._queue)
 
-    def send(self, frame: str, seq: int = 0, created_at: int = 0) -> bool:
-        """Queue a frame without waiting. False if the connection is closing or just overflowed."""
+    def send(self, frame: str, seq: int = 0, created_at: int = 0, wire: bytes = b"") -> bool:
+        """Send a frame without waiting. False if the connection is closing or just overflowed.
+
+        With a fast writer and ``wire`` (the frame's bytes on the wire, shared by every
+        connection), a connection with nothing queued whose socket takes data gets the bytes
+        at once: no queue, no wake-up of its writer. Otherwise the frame is queued, in order,
+        and the writer sends it when the socket drains.
+        """
         if self.closed:
             return False
+        fast = self._fast
+        if (
+            wire
+            and fast is not None
+            and not self._queue
+            and not self._inflight
+            and fast.fast_ready()
+        ):
+            fast.fast_write(wire)
+            if seq:
+                self.sent_seq = seq
+                if self._on_sent is not None:
+                    self._on_sent(self, seq, created_at)
+            return True
         if len(self._queue) >= self.max_queue:
             self.close(SLOW)
             return False
@@ -168,7 +207,9 @@ class Client:
                 self._wake.clear()
                 while queue:
                     seq, created_at, frame = queue.popleft()
+                    self._inflight = True
                     await sink.send_text(frame)
+                    self._inflight = False
                     if seq:
                         self.sent_seq = seq
                         if self._on_sent is not None:

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 import msgspec
+from websockets.frames import Frame, Opcode
 
 from models.ledger import StoredEvent
 
@@ -60,9 +61,17 @@ def error_frame(code: str, message: str) -> str:
     return msgspec.json.encode({"type": "error", "code": code, "message": message}).decode()
 
 
+def wire_text(data: bytes) -> bytes:
+    """A whole server-to-client WebSocket text frame carrying ``data`` (unmasked, no
+    extension): the same bytes for every connection that negotiated no extension."""
+    return Frame(Opcode.TEXT, data).serialize(mask=False)
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """One event as a node fans it out: routing fields plus the encoded frame."""
+    """One event as a node fans it out: routing fields, the encoded frame, and the frame's
+    bytes on the wire (built once per node, written as they are to every connection that
+    can take them)."""
 
     user: str
     seq: int
@@ -70,6 +79,7 @@ class Delivery:
     expires_at: int | None
     created_at: int
     frame: str
+    wire: bytes = b""
 
     @classmethod
     def of(cls, ev: StoredEvent) -> Delivery:
@@ -136,7 +146,8 @@ def decode_bus(payload: bytes) -> Delivery | Replace | Evict:
     except msgspec.DecodeError as exc:
         raise ValueError(str(exc)) from exc
     if m.t == "event":
-        return Delivery(m.user, m.seq, m.device, m.exp, m.ts, bytes(m.frame).decode())
+        frame = bytes(m.frame)
+        return Delivery(m.user, m.seq, m.device, m.exp, m.ts, frame.decode(), wire_text(frame))
     if m.t == "replace" and m.device is not None:
         return Replace(m.user, m.device, m.conn)
     if m.t == "evict" and m.device is not None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from channels.broker import Broker, user_channel
-from channels.client import Client
+from channels.client import Client, FastWriter
 from channels.cursors import CursorBuffer
 from channels.disconnect import EVICTED, INTERNAL, REPLACED, RESTART, SLOW, Disconnect
 from channels.frames import (
@@ -237,7 +237,12 @@ class Node:
     # -- connections ------------------------------------------------------------------------
 
     def new_client(
-        self, sink: Any, user: str, device: str, budget: TokenBucket | None = None
+        self,
+        sink: Any,
+        user: str,
+        device: str,
+        budget: TokenBucket | None = None,
+        fast: FastWriter | None = None,
     ) -> Client:
         return Client(
             sink,
@@ -250,6 +255,7 @@ class Node:
             rate=self.config.rate_limit_per_second,
             rate_burst=self.config.rate_limit_burst,
             budget=budget,
+            fast=fast,
         )
 
     async def connect(self, client: Client, after: int | None) -> int:
@@ -481,7 +487,7 @@ class Node:
         if (d.device is None or d.device == client.device) and (
             d.expires_at is None or d.expires_at > now
         ):
-            client.send(d.frame, d.seq, d.created_at)
+            client.send(d.frame, d.seq, d.created_at, d.wire)
 
     def _ensure_catch_up(
         self, client: Client, known_head: int | None = None, grace: float = 0.0

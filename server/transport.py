@@ -49,6 +49,9 @@ from websockets.protocol import State
 
 from channels.limits import SCOPE_KEY, TokenBucket
 
+FAST_KEY = "courier.fast_send"
+"""Where a connection's ``FastWriter`` (this protocol) is offered in ``scope["extensions"]``."""
+
 log = logging.getLogger("courier.transport")
 
 REASONS = ("head_timeout", "url_too_long", "headers_too_large", "bad_request", "ping_flood",
@@ -197,9 +200,28 @@ class CourierWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
-        # The application charges the device's data frames to the same bucket as its pings.
         extensions: dict[str, Any] = self.scope["extensions"]
+        # The application charges the device's data frames to the same bucket as its pings.
         extensions[SCOPE_KEY] = self._budget
+        extensions[FAST_KEY] = self  # the FastWriter of channels.client
+
+    # -- the fast send path (channels.client.FastWriter) -------------------------------------
+
+    def fast_ready(self) -> bool:
+        """Pre-encoded frames may be written now: the connection is open, nothing is being
+        closed, flow control does not hold writes back, and no extension (deflate) makes
+        this connection's frame bytes differ from the shared ones."""
+        return (
+            self.handshake_complete
+            and not self.close_sent
+            and self.writable.is_set()
+            and not self.conn.extensions
+            and self.conn.state is State.OPEN
+            and not self.transport.is_closing()
+        )
+
+    def fast_write(self, wire: bytes) -> None:
+        self.transport.write(wire)
 
     def data_received(self, data: bytes) -> None:
         try:

@@ -13,7 +13,7 @@ from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
 from channels.broker import BrokerUnavailable
-from channels.client import Client
+from channels.client import Client, FastWriter
 from channels.disconnect import (
     INTERNAL,
     RATE_LIMITED,
@@ -29,6 +29,7 @@ from models.ledger import LedgerUnavailable
 from server.auth import AuthError, bearer
 from server.guard import Refusal
 from server.services import services_of
+from server.transport import FAST_KEY
 
 log = logging.getLogger("courier.ws")
 
@@ -91,12 +92,15 @@ async def device_socket(websocket: WebSocket) -> None:
 
     # Registered before the upgrade, so that a device past the device limit is refused
     # with an HTTP answer; frames queued meanwhile (hello, backfill) go out once accepted.
-    budget = websocket.scope.get("extensions", {}).get(SCOPE_KEY)
+    extensions = websocket.scope.get("extensions") or {}
+    budget = extensions.get(SCOPE_KEY)
+    fast = extensions.get(FAST_KEY)  # only under ``courier serve``; else the plain ASGI path
     client = node.new_client(
         websocket,
         identity.user,
         identity.device,
         budget if isinstance(budget, TokenBucket) else None,
+        fast if isinstance(fast, FastWriter) else None,
     )
     try:
         await node.connect(client, after)

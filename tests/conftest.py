@@ -111,19 +111,28 @@ async def ledger(database_url: str) -> AsyncIterator[Ledger]:
     await ledger.close()
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+@pytest.fixture(
+    scope="module",
+    params=[("sqlite", "courier"), ("postgres", "courier"), ("postgres", "websockets-sansio")],
+    ids=["sqlite-fast", "postgres-fast", "postgres-plain"],
+)
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    """A real server process per module and ledger, shared by tests using unique users."""
-    if request.param == "sqlite":
-        workdir = tmp_path_factory.mktemp("server")
+    """A real server process per module, ledger and send path, shared by tests using unique
+    users. ``fast``: ``courier serve``'s own WebSocket protocol, which writes pre-encoded
+    event frames straight to the socket; ``plain``: uvicorn's protocol as it is, the path
+    the app takes under any ASGI server."""
+    ledger, ws = request.param
+    workdir = tmp_path_factory.mktemp("server")
+    if ledger == "sqlite":
         url = f"sqlite+aiosqlite:///{workdir / 'ledger.db'}"
         migrate(url)
     else:
         url = request.getfixturevalue("postgres_url")
-        workdir = tmp_path_factory.mktemp("server")
-    proc = ServerProcess(url, workdir, env={"COURIER_RECONCILE_SECONDS": "0.5"}).start()
+    proc = ServerProcess(
+        url, workdir, env={"COURIER_RECONCILE_SECONDS": "0.5"}, args=["--ws", ws]
+    ).start()
     yield proc
     assert_graceful_stop(proc)
 

@@ -121,3 +121,51 @@ def test_cursor_buffer_counts_a_flush_in_flight_as_pending() -> None:
     assert buf.pending_ack("u", "d") == 0
     buf.restore(moves)
     assert buf.pending_ack("u", "d") == 4
+
+
+class Wire:
+    """A fake transport door: records what the fast path wrote, into the same list as the
+    sink (the socket), so the order of both paths together can be checked."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.ready = True
+
+    def fast_ready(self) -> bool:
+        return self.ready
+
+    def fast_write(self, wire: bytes) -> None:
+        self.sink.sent.append(wire.decode())
+
+
+async def test_fast_path_writes_at_once_and_never_overtakes_queued_frames() -> None:
+    sink = Sink()
+    wire = Wire(sink)
+    seen: list[int] = []
+    client = Client(
+        sink, "u", "d", "n:1", max_queue=10, fast=wire, on_sent=lambda c, s, t: seen.append(s)
+    )
+    writer = asyncio.create_task(client.run_writer())
+    assert client.send("e1", 1, wire=b"e1")  # idle and writable: written at once, no queue
+    assert sink.sent == ["e1"] and client.queued == 0 and seen == [1]
+    client.send("hello")  # no wire bytes (a control frame): goes through the queue
+    assert client.send("e2", 2, wire=b"e2")  # something queued: must queue behind it
+    assert client.queued == 2
+    await asyncio.wait_for(client.wait_drained(), 5)
+    assert sink.sent == ["e1", "hello", "e2"]
+    wire.ready = False  # flow control holds writes back: queue
+    assert client.send("e3", 3, wire=b"e3") and client.queued == 1
+    await asyncio.wait_for(client.wait_drained(), 5)
+    wire.ready = True
+    sink.open.clear()
+    sink.first_send.clear()
+    client.send("e4", 4)  # queued (no wire bytes): the writer takes it and gets stuck
+    await asyncio.wait_for(sink.first_send.wait(), 5)
+    assert client.queued == 0  # e4 is off the queue, in flight, unwritten
+    assert client.send("e5", 5, wire=b"e5")  # writable, queue empty, but e4 is in flight
+    sink.open.set()
+    await asyncio.wait_for(client.wait_drained(), 5)
+    assert sink.sent == ["e1", "hello", "e2", "e3", "e4", "e5"]
+    assert seen == [1, 2, 3, 4, 5] and client.sent_seq == 5
+    client.close(RESTART)
+    await asyncio.wait_for(writer, 5)
