@@ -26,7 +26,7 @@ test: $(BIN)/courier lint typecheck
 	$(BIN)/pytest -q
 
 fuzz: $(BIN)/courier
-	COURIER_FUZZ_EXAMPLES=$${COURIER_FUZZ_EXAMPLES:-100000} $(BIN)/pytest -q tests/test_fuzz.py -p no:timeout
+	COURIER_FUZZ_EXAMPLES=$${COURIER_FUZZ_EXAMPLES:-100000} $(BIN)/pytest -q tests/test_fuzz.py --timeout 0
 
 bench: $(BIN)/courier
 	$(BIN)/python bench/fanout.py
