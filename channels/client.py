@@ -139,8 +139,9 @@ class Client:
 
         With a fast writer and ``wire`` (the frame's bytes on the wire, shared by every
         connection), a connection with nothing queued whose socket takes data gets the bytes
-        at once: no queue, no wake-up of its writer. Otherwise the frame is queued, in order,
-        and the writer sends it when the socket drains.
+        at once: no queue, no wake-up of its writer, and ``sent_seq`` is ``seq`` on return;
+        the caller accounts for such frames (in bulk), ``on_sent`` is not called. Otherwise
+        the frame is queued, in order, and the writer sends it when the socket drains.
         """
         if self.closed:
             return False
@@ -155,8 +156,6 @@ class Client:
             fast.fast_write(wire)
             if seq:
                 self.sent_seq = seq
-                if self._on_sent is not None:
-                    self._on_sent(self, seq, created_at)
             return True
         if len(self._queue) >= self.max_queue:
             self.close(SLOW)
