@@ -36,6 +36,7 @@ import sys
 import time
 import zlib
 from array import array
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -646,12 +647,53 @@ def run_once(args: argparse.Namespace, scenario: str, ws: str, deflate: bool) ->
             with Fleet(plans) as fleet:
                 _fan_out(args, result, server, ledger, fleet, budget, deflate)
         except Exception as exc:
-            result.error = f"{type(exc).__name__}: {exc}"
-            if not server.alive():
-                result.error += f"\nserver log:\n{server.log()}"
+            result.error = server.failure(exc)
         finally:
             server.stop()
     return result
+
+
+def connect_idle(fleet: Fleet, pid: int, deadline: float, settle: float) -> dict[str, Any]:
+    """Open every connection, let them sit ``settle`` seconds, then read the server's RSS
+    (``rss_idle_kib`` in the answer, with ``connected``, ``seconds``, ``errors``)."""
+    hello = fleet.connect(deadline)
+    if hello["connected"] == 0:
+        raise RuntimeError(f"no connection opened: {hello['errors']}")
+    time.sleep(settle)
+    hello["rss_idle_kib"] = benchlib.rss_kib(pid)
+    return hello
+
+
+@dataclass
+class Window:
+    """The fan-out window: from just before the first publish to the last frame."""
+
+    t0_ns: int
+    publish_seconds: float
+    frames_done: float
+    """``time.monotonic()`` when every expected frame had arrived (or the wait ended)."""
+    server_cpu_s: float
+
+
+def timed_fanout(
+    fleet: Fleet,
+    pid: int,
+    publish: Callable[[], None],
+    expected: int,
+    drain_timeout: float,
+    deadline: float,
+) -> Window:
+    """Reset the clients' counters, publish, wait for ``expected`` frames; the server's CPU
+    time (``/proc/PID/stat``) is sampled before the first publish and after the last frame."""
+    fleet.reset()
+    cpu0 = benchlib.cpu_seconds(pid)
+    t0 = time.time_ns()
+    p0 = time.monotonic()
+    publish()
+    publish_seconds = time.monotonic() - p0
+    fleet.wait_frames(expected, min(deadline, time.monotonic() + drain_timeout))
+    frames_done = time.monotonic()
+    return Window(t0, publish_seconds, frames_done, benchlib.cpu_seconds(pid) - cpu0)
 
 
 def _fan_out(
@@ -663,30 +705,28 @@ def _fan_out(
     budget: float,
     deflate: bool,
 ) -> None:
-    hello = fleet.connect(budget)
+    hello = connect_idle(fleet, server.pid, budget, args.settle)
     result.connections = hello["connected"]
     result.connect_seconds = hello["seconds"]
     result.connect_errors = hello["errors"]
     if deflate and hello["deflate"] != result.connections:
         raise RuntimeError("permessage-deflate was not negotiated on every connection")
-    if result.connections == 0:
-        raise RuntimeError(f"no connection opened: {result.connect_errors}")
-    time.sleep(args.settle)
-    result.rss_idle_kib = benchlib.rss_kib(server.pid)
+    result.rss_idle_kib = hello["rss_idle_kib"]
     result.kib_per_conn_idle = (result.rss_idle_kib - result.rss_before_kib) / result.connections
 
-    fleet.reset()
     # Only fully connected users count; with errors, some devices are missing.
     user_names = sorted({u for plan in fleet.plans for u, _ in plan.devices})
     result.frames_expected = result.connections * args.rounds
-    cpu0 = benchlib.cpu_seconds(server.pid)
-    t0 = time.time_ns()
-    p0 = time.monotonic()
-    asyncio.run(_publish_rounds(server, user_names, args.rounds, args.batch, budget))
-    result.publish_seconds = time.monotonic() - p0
-    fleet.wait_frames(result.frames_expected, min(budget, time.monotonic() + args.drain_timeout))
-    frames_done = time.monotonic()
-    result.server_cpu_fanout_s = benchlib.cpu_seconds(server.pid) - cpu0
+    window = timed_fanout(
+        fleet,
+        server.pid,
+        lambda: asyncio.run(_publish_rounds(server, user_names, args.rounds, args.batch, budget)),
+        result.frames_expected,
+        args.drain_timeout,
+        budget,
+    )
+    result.publish_seconds = window.publish_seconds
+    result.server_cpu_fanout_s = window.server_cpu_s
     # Acks: the ledger shows every device at the last seq once the flush ran.
     durable = asyncio.run(
         _durable_acks(
@@ -695,7 +735,7 @@ def _fan_out(
     )
     result.acks_durable_devices = durable
     if durable >= result.connections:
-        result.acks_durable_after_s = time.monotonic() - frames_done
+        result.acks_durable_after_s = time.monotonic() - window.frames_done
     result.rss_after_fanout_kib = benchlib.rss_kib(server.pid)
     result.kib_per_conn_after_fanout = (
         result.rss_after_fanout_kib - result.rss_before_kib
@@ -707,7 +747,7 @@ def _fan_out(
     result.open_after = seen.open
     result.close_codes = seen.close_codes
     if seen.last_recv_ns:
-        result.fanout_seconds = (seen.last_recv_ns - t0) / 1e9
+        result.fanout_seconds = (seen.last_recv_ns - window.t0_ns) / 1e9
         result.frames_per_s = result.frames / result.fanout_seconds
     for name, value in seen.percentiles_ms().items():
         setattr(result, name, value)
@@ -772,9 +812,18 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     cells = [[title for _, title, _ in COLUMNS]]
     for row in rows:
         cells.append([fmt.format(row[key]) for key, _, fmt in COLUMNS])
-    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+    print_cells(cells)
+
+
+def print_cells(cells: list[list[str]], label_column: bool = False) -> None:
+    """A text table: the first row is the header; columns right-aligned, except the first
+    one with ``label_column``."""
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
     for i, r in enumerate(cells):
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+        line = [c.rjust(w) for c, w in zip(r, widths, strict=True)]
+        if label_column:
+            line[0] = r[0].ljust(widths[0])
+        print("  ".join(line))
         if i == 0:
             print("  ".join("-" * w for w in widths))
 
@@ -792,6 +841,11 @@ def print_run(r: RunResult) -> None:
         f" flush failures {r.cursor_flush_failures:.0f}; open after {r.open_after}",
         flush=True,
     )
+    print_problems(r)
+
+
+def print_problems(r: Any) -> None:
+    """A run's connect errors, close codes and error, one line each, if any."""
     if r.connect_errors:
         print(f"    connect errors: {r.connect_errors}", flush=True)
     if r.close_codes:
@@ -800,10 +854,19 @@ def print_run(r: RunResult) -> None:
         print(f"    ERROR: {r.error}", flush=True)
 
 
+def add_connection_args(p: argparse.ArgumentParser, what: str) -> None:
+    """The options every device-connection benchmark shares."""
+    p.add_argument("--connections", type=int, default=10_000, help=f"{what} (N)")
+    p.add_argument("--clients", type=int, default=4, help="client processes (K)")
+    p.add_argument("--settle", type=float, default=3.0, help="seconds before the idle RSS")
+    p.add_argument("--connect-timeout", type=float, default=60.0)
+    p.add_argument("--drain-timeout", type=float, default=120.0, help="wait for frames, s")
+    p.add_argument("--time-budget", type=float, default=600.0, help="seconds per run, at most")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--connections", type=int, default=10_000, help="device connections (N)")
-    p.add_argument("--clients", type=int, default=4, help="client processes (K)")
+    add_connection_args(p, "device connections")
     p.add_argument("--scenario", choices=("users", "broadcast", "both"), default="both")
     p.add_argument("--devices-per-user", type=int, default=2, help="'users' scenario: D")
     p.add_argument("--broadcast-users", type=int, default=10, help="'broadcast' scenario: U")
@@ -816,11 +879,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--ledger", choices=("sqlite", "postgres"), default="sqlite")
     p.add_argument("--repeat", type=int, default=1, help="runs per configuration (median)")
-    p.add_argument("--settle", type=float, default=3.0, help="seconds before the idle RSS")
-    p.add_argument("--connect-timeout", type=float, default=60.0)
-    p.add_argument("--drain-timeout", type=float, default=120.0, help="wait for frames, s")
     p.add_argument("--ack-timeout", type=float, default=30.0, help="wait for durable acks, s")
-    p.add_argument("--time-budget", type=float, default=600.0, help="seconds per run, at most")
     p.add_argument("--json", type=Path, default=None, help="write results to this file")
     args = p.parse_args(argv)
     if not 1 <= args.batch <= 1000:
