@@ -28,8 +28,14 @@ test: $(BIN)/courier lint typecheck
 fuzz: $(BIN)/courier
 	COURIER_FUZZ_EXAMPLES=$${COURIER_FUZZ_EXAMPLES:-100000} $(BIN)/pytest -q tests/test_fuzz.py --timeout 0
 
+# `make bench`: Courier against Socket.IO 4.8 (needs node and npm; bench/compare.py).
+# `make bench BENCH=fanout` or `BENCH=ingest`: the Courier-only benchmarks.
+# BENCH_ARGS passes options, e.g. BENCH_ARGS="--connections 2000 --repeat 1".
+BENCH      ?= compare
+BENCH_ARGS ?=
+
 bench: $(BIN)/courier
-	$(BIN)/python bench/fanout.py
+	$(BIN)/python bench/$(BENCH).py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) courier.db courier.db-* .courier-dev.json .pytest_cache .mypy_cache .ruff_cache

@@ -12,12 +12,15 @@ import os
 import platform
 import resource
 import secrets
+import select
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +87,11 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(clean)) if clean else float("nan")
 
 
+def _failure(exc: BaseException, alive: bool, log: Callable[[], str]) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if alive else f"{text}\nserver log:\n{log()}"
+
+
 class Ledger:
     """A scratch ledger: a SQLite file in a temporary folder, or a PostgreSQL database."""
 
@@ -136,7 +144,8 @@ class Ledger:
 
 class Server(ServerProcess):
     """``courier serve`` for a benchmark: the test harness's server process, with the
-    WebSocket implementation and deflate chosen, fresh secrets, and no Redis."""
+    WebSocket implementation and deflate chosen, fresh secrets, and Redis only when
+    ``redis_url`` is given (never one inherited from the environment)."""
 
     def __init__(
         self,
@@ -145,6 +154,7 @@ class Server(ServerProcess):
         ws: str = "courier",
         deflate: bool = False,
         env: dict[str, str] | None = None,
+        redis_url: str | None = None,
     ) -> None:
         self.jwt_secret = secrets.token_urlsafe(32)
         self.api_key = "bench-" + secrets.token_urlsafe(16)
@@ -171,6 +181,8 @@ class Server(ServerProcess):
         )
         for name in ("PORT", "COURIER_REDIS_URL", "REDIS_URL", "WEB_CONCURRENCY"):
             self.env.pop(name, None)
+        if redis_url is not None:
+            self.env["COURIER_REDIS_URL"] = redis_url
 
     @property
     def pid(self) -> int:
@@ -182,6 +194,10 @@ class Server(ServerProcess):
 
     def log(self) -> str:
         return super().log()[-4000:]
+
+    def failure(self, exc: BaseException) -> str:
+        """What went wrong in a run, with the end of the server's log if it died."""
+        return _failure(exc, self.alive(), self.log)
 
     def stop(self, timeout: float = 15.0) -> int | None:  # type: ignore[override]
         """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
@@ -202,3 +218,113 @@ class Server(ServerProcess):
             except ValueError:
                 continue
         return out
+
+
+def flush_redis_db(url: str) -> None:
+    """FLUSHDB on the benchmark's own Redis database, named by the db number in ``url``
+    (``redis://127.0.0.1:6379/10``); db 0 and URLs without a db are refused."""
+    import redis
+
+    db = url.rstrip("/").rsplit("/", 1)[-1]
+    if not db.isdigit() or int(db) == 0:
+        raise ValueError(f"a benchmark flushes only its own numbered Redis db, not {url!r}")
+    client = redis.Redis.from_url(url, socket_timeout=10)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
+class LineProcess:
+    """A helper process that talks in lines: commands on its stdin, answers on its stdout,
+    stderr to ``log_path``. It runs in its own process group; every read is bounded, and
+    leaving the ``with`` block ends it (SIGTERM, then SIGKILL for the whole group)."""
+
+    def __init__(self, argv: Sequence[str], log_path: Path, cwd: Path = ROOT) -> None:
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.cwd = cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._buf = b""
+
+    def __enter__(self) -> LineProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                cwd=self.cwd,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                start_new_session=True,
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except FileNotFoundError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def failure(self, exc: BaseException) -> str:
+        """What went wrong in a run, with the end of the process's log if it died."""
+        return _failure(exc, self.alive(), self.log)
+
+    def send(self, line: str) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def readline(self, timeout: float) -> str:
+        """The next line of its stdout, without the newline; TimeoutError after ``timeout``
+        seconds, EOFError if it exited."""
+        assert self.proc is not None and self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{self.argv[:2]}: no line within {timeout:.0f}s: {self.log()}")
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise EOFError(f"{self.argv[:2]} exited: {self.log()}")
+                self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.decode(errors="replace").rstrip("\r")
+
+    def expect(self, prefix: str, timeout: float) -> str:
+        """Read lines until one starts with ``prefix`` (within ``timeout`` in all)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.readline(max(0.0, deadline - time.monotonic()))
+            if line.startswith(prefix):
+                return line
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.wait(10)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()

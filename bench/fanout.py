@@ -36,6 +36,7 @@ import sys
 import time
 import zlib
 from array import array
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -69,6 +70,7 @@ class _Frame(msgspec.Struct):
 
 
 _decode = msgspec.json.Decoder(_Frame).decode
+_decode_sio_event = msgspec.json.Decoder(tuple[str, _Frame]).decode
 
 
 class Stats:
@@ -96,14 +98,18 @@ class Device(asyncio.Protocol):
         "_stats",
         "_transport",
         "_upgraded",
+        "ack",
         "deflate",
         "open",
     )
 
-    def __init__(self, request: bytes, stats: Stats, hello: asyncio.Future[None]) -> None:
+    def __init__(
+        self, request: bytes, stats: Stats, hello: asyncio.Future[None], ack: bool = True
+    ) -> None:
         self._request = request
         self._stats = stats
         self._hello = hello
+        self.ack = ack
         self._buf = bytearray()
         self._frag: list[bytes] | None = None
         self._frag_compressed = False
@@ -195,15 +201,19 @@ class Device(asyncio.Protocol):
     def _message(self, message: bytes, now_ns: int) -> None:
         frame = _decode(message)
         if frame.type == "event":
-            stats = self._stats
-            stats.frames += 1
-            stats.last_recv_ns = now_ns
-            if frame.data is not None and frame.data.t:
-                stats.latencies.append(now_ns // 1000 - frame.data.t)
-            self._send(0x81, b'{"type":"ack","seq":%d}' % frame.seq)
-            stats.acks += 1
+            self._event(frame, now_ns)
+            if self.ack:
+                self._send(0x81, b'{"type":"ack","seq":%d}' % frame.seq)
+                self._stats.acks += 1
         elif frame.type == "hello" and not self._hello.done():
             self._hello.set_result(None)
+
+    def _event(self, frame: _Frame, now_ns: int) -> None:
+        stats = self._stats
+        stats.frames += 1
+        stats.last_recv_ns = now_ns
+        if frame.data is not None and frame.data.t:
+            stats.latencies.append(now_ns // 1000 - frame.data.t)
 
     def _send(self, first: int, payload: bytes) -> None:
         # Client frames must be masked; an all-zero masking key leaves the payload as is.
@@ -216,14 +226,51 @@ class Device(asyncio.Protocol):
             self._transport.close()
 
 
-def _request(host: str, port: int, token: str) -> bytes:
+class SioDevice(Device):
+    """A Socket.IO client: Engine.IO v4 over the same raw WebSocket. The server opens with
+    ``0{...}``; the client connects to the default namespace with ``40{auth}`` and the
+    server's ``40{"sid":...}`` is its hello. Events arrive as ``42["event",{...}]`` (the
+    payload is shaped like Courier's event frame); an Engine.IO ping ``2`` gets a pong ``3``.
+    Socket.IO has no delivery acks through the Redis emitter, so none are sent."""
+
+    __slots__ = ("_auth",)
+
+    def __init__(
+        self, request: bytes, stats: Stats, hello: asyncio.Future[None], auth: bytes
+    ) -> None:
+        super().__init__(request, stats, hello, ack=False)
+        self._auth = auth
+
+    def _message(self, message: bytes, now_ns: int) -> None:
+        if message.startswith(b"42"):
+            name, frame = _decode_sio_event(message[2:])
+            if name == "event":
+                self._event(frame, now_ns)
+        elif message == b"2":
+            self._send(0x81, b"3")
+        elif message.startswith(b"0"):
+            self._send(0x81, b"40" + self._auth)
+        elif message.startswith(b"40"):
+            if not self._hello.done():
+                self._hello.set_result(None)
+        elif message.startswith((b"44", b"41", b"1")):  # connect error, disconnect, close
+            if not self._hello.done():
+                reason = message[:120].decode(errors="replace")
+                self._hello.set_exception(ConnectionError(f"refused: {reason}"))
+            self.close()
+
+
+def _request(host: str, port: int, path: str, headers: str = "") -> bytes:
     key = base64.b64encode(os.urandom(16)).decode()
     return (
-        f"GET /v1/ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
         "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
-        f"Authorization: Bearer {token}\r\n\r\n"
+        f"{headers}\r\n"
     ).encode()
+
+
+SIO_PATH = "/socket.io/?EIO=4&transport=websocket"
 
 
 @dataclass
@@ -231,9 +278,14 @@ class WorkerPlan:
     index: int
     source: str
     port: int
-    secret: str
     devices: list[tuple[str, str]]
     connect_timeout: float
+    secret: str = ""
+    """Courier: the JWT secret the device tokens are signed with."""
+    protocol: str = "courier"
+    """``courier`` (/v1/ws with a device JWT) or ``socketio`` (Engine.IO v4, auth {user})."""
+    ack: bool = True
+    """Courier devices ack every event."""
 
 
 def client_process(plan: WorkerPlan, ctrl: Connection, progress: Any) -> None:
@@ -250,14 +302,21 @@ async def _client_main(plan: WorkerPlan, ctrl: Connection, progress: Any) -> Non
     sem = asyncio.Semaphore(HANDSHAKE_CONCURRENCY)
     exp = int(time.time()) + 3600
 
-    async def open_one(user: str, device: str) -> None:
+    def make(user: str, device: str, hello: asyncio.Future[None]) -> Device:
+        if plan.protocol == "socketio":
+            auth = msgspec.json.encode({"user": user})
+            return SioDevice(_request("127.0.0.1", plan.port, SIO_PATH), stats, hello, auth)
         token = jwt.encode({"sub": user, "did": device, "exp": exp}, plan.secret, "HS256")
+        request = _request("127.0.0.1", plan.port, "/v1/ws", f"Authorization: Bearer {token}\r\n")
+        return Device(request, stats, hello, ack=plan.ack)
+
+    async def open_one(user: str, device: str) -> None:
         hello: asyncio.Future[None] = loop.create_future()
         async with sem:
             try:
                 _, proto = await asyncio.wait_for(
                     loop.create_connection(
-                        lambda: Device(_request("127.0.0.1", plan.port, token), stats, hello),
+                        lambda: make(user, device, hello),
                         "127.0.0.1",
                         plan.port,
                         local_addr=(plan.source, 0),
@@ -375,6 +434,140 @@ def _recv(conn: Connection, timeout: float) -> Any:
     return conn.recv()
 
 
+def make_plans(
+    devices: list[tuple[str, str]], clients: int, port: int, connect_timeout: float, **kw: Any
+) -> list[WorkerPlan]:
+    """Spread ``devices`` over ``clients`` processes, each on its own source address."""
+    k = max(1, min(clients, len(devices)))
+    return [
+        WorkerPlan(
+            index=i,
+            source=f"127.0.0.{2 + i % 250}",
+            port=port,
+            devices=devices[i::k],
+            connect_timeout=connect_timeout,
+            **kw,
+        )
+        for i in range(k)
+    ]
+
+
+@dataclass
+class Collected:
+    """What every client process saw since the last reset, added up."""
+
+    frames: int = 0
+    acks: int = 0
+    open: int = 0
+    last_recv_ns: int = 0
+    latencies: array[int] = field(default_factory=lambda: array("q"))
+    close_codes: dict[int, int] = field(default_factory=dict)
+
+    def percentiles_ms(self) -> dict[str, float]:
+        """p50/p95/p99/max of the latencies, in ms (NaN without any)."""
+        ordered = sorted(self.latencies)
+        if not ordered:
+            return {
+                "p50_ms": float("nan"),
+                "p95_ms": float("nan"),
+                "p99_ms": float("nan"),
+                "max_ms": float("nan"),
+            }
+        return {
+            "p50_ms": benchlib.percentile(ordered, 50) / 1000,
+            "p95_ms": benchlib.percentile(ordered, 95) / 1000,
+            "p99_ms": benchlib.percentile(ordered, 99) / 1000,
+            "max_ms": ordered[-1] / 1000,
+        }
+
+
+class Fleet:
+    """The client processes holding the device connections, driven over pipes. Leaving the
+    ``with`` block closes every connection and stops every process (killed if it lingers)."""
+
+    def __init__(self, plans: list[WorkerPlan]) -> None:
+        self.plans = plans
+        self.procs: list[Any] = []
+        self.ctrls: list[Connection] = []
+        self.progress: list[Any] = []
+
+    def __enter__(self) -> Fleet:
+        ctx = mp.get_context("spawn")
+        try:
+            for plan in self.plans:
+                parent, child = ctx.Pipe()
+                counter = ctx.Value("q", 0, lock=False)
+                proc = ctx.Process(target=client_process, args=(plan, child, counter), daemon=True)
+                proc.start()
+                self.procs.append(proc)
+                self.ctrls.append(parent)
+                self.progress.append(counter)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self, deadline: float) -> dict[str, Any]:
+        """Wait for every process to have opened its connections (or given up on some)."""
+        hellos = [_recv(c, max(1.0, deadline - time.monotonic())) for c in self.ctrls]
+        errors: dict[str, int] = {}
+        for h in hellos:
+            for reason, count in h["errors"].items():
+                errors[reason] = errors.get(reason, 0) + count
+        return {
+            "connected": sum(h["connected"] for h in hellos),
+            "seconds": max(h["seconds"] for h in hellos),
+            "deflate": sum(h["deflate"] for h in hellos),
+            "errors": errors,
+        }
+
+    def reset(self) -> None:
+        for c in self.ctrls:
+            c.send("reset")
+            _recv(c, 30)
+
+    def wait_frames(self, expected: int, deadline: float) -> None:
+        """Until the clients received ``expected`` frames in all, or ``deadline``."""
+        while time.monotonic() < deadline:
+            if sum(p.value for p in self.progress) >= expected:
+                return
+            time.sleep(0.02)
+
+    def collect(self) -> Collected:
+        out = Collected()
+        for c in self.ctrls:
+            c.send("collect")
+            s = _recv(c, 60)
+            out.frames += s["frames"]
+            out.acks += s["acks"]
+            out.open += s["open"]
+            out.last_recv_ns = max(out.last_recv_ns, s["last_recv_ns"])
+            chunk = array("q")
+            chunk.frombytes(s["latencies"])
+            out.latencies.extend(chunk)
+            for code, count in s["close_codes"].items():
+                out.close_codes[code] = out.close_codes.get(code, 0) + count
+        return out
+
+    def close(self) -> None:
+        for c in self.ctrls:
+            with contextlib.suppress(OSError):
+                c.send("close")
+        for c in self.ctrls:
+            with contextlib.suppress(TimeoutError, EOFError, OSError):
+                _recv(c, 10)
+        for p in self.procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        self.ctrls.clear()
+        self.procs.clear()
+
+
 async def _publish_rounds(
     server: benchlib.Server, users: list[str], rounds: int, batch: int, deadline: float
 ) -> None:
@@ -430,10 +623,6 @@ def run_once(args: argparse.Namespace, scenario: str, ws: str, deflate: bool) ->
         rounds=args.rounds,
     )
     budget = time.monotonic() + args.time_budget
-    ctx = mp.get_context("spawn")
-    procs: list[Any] = []
-    ctrls: list[Connection] = []
-    progress: list[Any] = []
     with benchlib.Ledger(args.ledger) as ledger:
         server = benchlib.Server(
             ledger.url,
@@ -452,113 +641,119 @@ def run_once(args: argparse.Namespace, scenario: str, ws: str, deflate: bool) ->
             server.start()
             time.sleep(1.0)
             result.rss_before_kib = benchlib.rss_kib(server.pid)
-            k = max(1, min(args.clients, len(devices)))
-            for i in range(k):
-                parent, child = ctx.Pipe()
-                counter = ctx.Value("q", 0, lock=False)
-                plan = WorkerPlan(
-                    index=i,
-                    source=f"127.0.0.{2 + i % 250}",
-                    port=server.port,
-                    secret=server.jwt_secret,
-                    devices=devices[i::k],
-                    connect_timeout=args.connect_timeout,
-                )
-                proc = ctx.Process(target=client_process, args=(plan, child, counter), daemon=True)
-                proc.start()
-                procs.append(proc)
-                ctrls.append(parent)
-                progress.append(counter)
-            hellos = [_recv(c, max(1.0, budget - time.monotonic())) for c in ctrls]
-            result.connections = sum(h["connected"] for h in hellos)
-            result.connect_seconds = max(h["seconds"] for h in hellos)
-            for h in hellos:
-                for reason, count in h["errors"].items():
-                    result.connect_errors[reason] = result.connect_errors.get(reason, 0) + count
-            if deflate and sum(h["deflate"] for h in hellos) != result.connections:
-                raise RuntimeError("permessage-deflate was not negotiated on every connection")
-            if result.connections == 0:
-                raise RuntimeError(f"no connection opened: {result.connect_errors}")
-            time.sleep(args.settle)
-            result.rss_idle_kib = benchlib.rss_kib(server.pid)
-            result.kib_per_conn_idle = (
-                result.rss_idle_kib - result.rss_before_kib
-            ) / result.connections
-
-            for c in ctrls:
-                c.send("reset")
-                _recv(c, 30)
-            # Only fully connected users count; with errors, some devices are missing.
-            user_names = sorted({u for u, _ in devices})
-            result.frames_expected = result.connections * args.rounds
-            cpu0 = benchlib.cpu_seconds(server.pid)
-            t0 = time.time_ns()
-            p0 = time.monotonic()
-            asyncio.run(_publish_rounds(server, user_names, args.rounds, args.batch, budget))
-            result.publish_seconds = time.monotonic() - p0
-            wait_until = min(budget, time.monotonic() + args.drain_timeout)
-            while time.monotonic() < wait_until:
-                if sum(p.value for p in progress) >= result.frames_expected:
-                    break
-                time.sleep(0.02)
-            frames_done = time.monotonic()
-            result.server_cpu_fanout_s = benchlib.cpu_seconds(server.pid) - cpu0
-            # Acks: the ledger shows every device at the last seq once the flush ran.
-            durable = asyncio.run(
-                _durable_acks(ledger.url, users, per_user, args.rounds, args.ack_timeout)
+            plans = make_plans(
+                devices, args.clients, server.port, args.connect_timeout, secret=server.jwt_secret
             )
-            result.acks_durable_devices = durable
-            if durable >= result.connections:
-                result.acks_durable_after_s = time.monotonic() - frames_done
-            result.rss_after_fanout_kib = benchlib.rss_kib(server.pid)
-            result.kib_per_conn_after_fanout = (
-                result.rss_after_fanout_kib - result.rss_before_kib
-            ) / result.connections
-
-            latencies = array("q")
-            last_ns = 0
-            for c in ctrls:
-                c.send("collect")
-                s = _recv(c, 60)
-                result.frames += s["frames"]
-                result.acks_sent += s["acks"]
-                result.open_after += s["open"]
-                last_ns = max(last_ns, s["last_recv_ns"])
-                chunk = array("q")
-                chunk.frombytes(s["latencies"])
-                latencies.extend(chunk)
-                for code, count in s["close_codes"].items():
-                    result.close_codes[code] = result.close_codes.get(code, 0) + count
-            if last_ns:
-                result.fanout_seconds = (last_ns - t0) / 1e9
-                result.frames_per_s = result.frames / result.fanout_seconds
-            ordered = sorted(latencies)
-            if ordered:
-                result.p50_ms = benchlib.percentile(ordered, 50) / 1000
-                result.p95_ms = benchlib.percentile(ordered, 95) / 1000
-                result.p99_ms = benchlib.percentile(ordered, 99) / 1000
-                result.max_ms = ordered[-1] / 1000
-            metrics = server.metrics()
-            result.acks_counted_by_server = metrics.get("courier_acks_total", 0.0)
-            result.cursor_flush_failures = metrics.get("courier_cursor_flush_failures_total", 0.0)
+            with Fleet(plans) as fleet:
+                _fan_out(args, result, server, ledger, fleet, budget, deflate)
         except Exception as exc:
-            result.error = f"{type(exc).__name__}: {exc}"
-            if not server.alive():
-                result.error += f"\nserver log:\n{server.log()}"
+            result.error = server.failure(exc)
         finally:
-            for c in ctrls:
-                with contextlib.suppress(OSError):
-                    c.send("close")
-            for c in ctrls:
-                with contextlib.suppress(TimeoutError, EOFError, OSError):
-                    _recv(c, 10)
-            for p in procs:
-                p.join(5)
-                if p.is_alive():
-                    p.kill()
-                    p.join(5)
             server.stop()
     return result
+
+
+def connect_idle(fleet: Fleet, pid: int, deadline: float, settle: float) -> dict[str, Any]:
+    """Open every connection, let them sit ``settle`` seconds, then read the server's RSS
+    (``rss_idle_kib`` in the answer, with ``connected``, ``seconds``, ``errors``)."""
+    hello = fleet.connect(deadline)
+    if hello["connected"] == 0:
+        raise RuntimeError(f"no connection opened: {hello['errors']}")
+    time.sleep(settle)
+    hello["rss_idle_kib"] = benchlib.rss_kib(pid)
+    return hello
+
+
+@dataclass
+class Window:
+    """The fan-out window: from just before the first publish to the last frame."""
+
+    t0_ns: int
+    publish_seconds: float
+    frames_done: float
+    """``time.monotonic()`` when every expected frame had arrived (or the wait ended)."""
+    server_cpu_s: float
+
+
+def timed_fanout(
+    fleet: Fleet,
+    pid: int,
+    publish: Callable[[], None],
+    expected: int,
+    drain_timeout: float,
+    deadline: float,
+) -> Window:
+    """Reset the clients' counters, publish, wait for ``expected`` frames; the server's CPU
+    time (``/proc/PID/stat``) is sampled before the first publish and after the last frame."""
+    fleet.reset()
+    cpu0 = benchlib.cpu_seconds(pid)
+    t0 = time.time_ns()
+    p0 = time.monotonic()
+    publish()
+    publish_seconds = time.monotonic() - p0
+    fleet.wait_frames(expected, min(deadline, time.monotonic() + drain_timeout))
+    frames_done = time.monotonic()
+    return Window(t0, publish_seconds, frames_done, benchlib.cpu_seconds(pid) - cpu0)
+
+
+def _fan_out(
+    args: argparse.Namespace,
+    result: RunResult,
+    server: benchlib.Server,
+    ledger: benchlib.Ledger,
+    fleet: Fleet,
+    budget: float,
+    deflate: bool,
+) -> None:
+    hello = connect_idle(fleet, server.pid, budget, args.settle)
+    result.connections = hello["connected"]
+    result.connect_seconds = hello["seconds"]
+    result.connect_errors = hello["errors"]
+    if deflate and hello["deflate"] != result.connections:
+        raise RuntimeError("permessage-deflate was not negotiated on every connection")
+    result.rss_idle_kib = hello["rss_idle_kib"]
+    result.kib_per_conn_idle = (result.rss_idle_kib - result.rss_before_kib) / result.connections
+
+    # Only fully connected users count; with errors, some devices are missing.
+    user_names = sorted({u for plan in fleet.plans for u, _ in plan.devices})
+    result.frames_expected = result.connections * args.rounds
+    window = timed_fanout(
+        fleet,
+        server.pid,
+        lambda: asyncio.run(_publish_rounds(server, user_names, args.rounds, args.batch, budget)),
+        result.frames_expected,
+        args.drain_timeout,
+        budget,
+    )
+    result.publish_seconds = window.publish_seconds
+    result.server_cpu_fanout_s = window.server_cpu_s
+    # Acks: the ledger shows every device at the last seq once the flush ran.
+    durable = asyncio.run(
+        _durable_acks(
+            ledger.url, result.users, result.devices_per_user, args.rounds, args.ack_timeout
+        )
+    )
+    result.acks_durable_devices = durable
+    if durable >= result.connections:
+        result.acks_durable_after_s = time.monotonic() - window.frames_done
+    result.rss_after_fanout_kib = benchlib.rss_kib(server.pid)
+    result.kib_per_conn_after_fanout = (
+        result.rss_after_fanout_kib - result.rss_before_kib
+    ) / result.connections
+
+    seen = fleet.collect()
+    result.frames = seen.frames
+    result.acks_sent = seen.acks
+    result.open_after = seen.open
+    result.close_codes = seen.close_codes
+    if seen.last_recv_ns:
+        result.fanout_seconds = (seen.last_recv_ns - window.t0_ns) / 1e9
+        result.frames_per_s = result.frames / result.fanout_seconds
+    for name, value in seen.percentiles_ms().items():
+        setattr(result, name, value)
+    metrics = server.metrics()
+    result.acks_counted_by_server = metrics.get("courier_acks_total", 0.0)
+    result.cursor_flush_failures = metrics.get("courier_cursor_flush_failures_total", 0.0)
 
 
 # -- reporting -------------------------------------------------------------------------------
@@ -617,9 +812,18 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     cells = [[title for _, title, _ in COLUMNS]]
     for row in rows:
         cells.append([fmt.format(row[key]) for key, _, fmt in COLUMNS])
-    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+    print_cells(cells)
+
+
+def print_cells(cells: list[list[str]], label_column: bool = False) -> None:
+    """A text table: the first row is the header; columns right-aligned, except the first
+    one with ``label_column``."""
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
     for i, r in enumerate(cells):
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+        line = [c.rjust(w) for c, w in zip(r, widths, strict=True)]
+        if label_column:
+            line[0] = r[0].ljust(widths[0])
+        print("  ".join(line))
         if i == 0:
             print("  ".join("-" * w for w in widths))
 
@@ -637,6 +841,11 @@ def print_run(r: RunResult) -> None:
         f" flush failures {r.cursor_flush_failures:.0f}; open after {r.open_after}",
         flush=True,
     )
+    print_problems(r)
+
+
+def print_problems(r: Any) -> None:
+    """A run's connect errors, close codes and error, one line each, if any."""
     if r.connect_errors:
         print(f"    connect errors: {r.connect_errors}", flush=True)
     if r.close_codes:
@@ -645,10 +854,19 @@ def print_run(r: RunResult) -> None:
         print(f"    ERROR: {r.error}", flush=True)
 
 
+def add_connection_args(p: argparse.ArgumentParser, what: str) -> None:
+    """The options every device-connection benchmark shares."""
+    p.add_argument("--connections", type=int, default=10_000, help=f"{what} (N)")
+    p.add_argument("--clients", type=int, default=4, help="client processes (K)")
+    p.add_argument("--settle", type=float, default=3.0, help="seconds before the idle RSS")
+    p.add_argument("--connect-timeout", type=float, default=60.0)
+    p.add_argument("--drain-timeout", type=float, default=120.0, help="wait for frames, s")
+    p.add_argument("--time-budget", type=float, default=600.0, help="seconds per run, at most")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--connections", type=int, default=10_000, help="device connections (N)")
-    p.add_argument("--clients", type=int, default=4, help="client processes (K)")
+    add_connection_args(p, "device connections")
     p.add_argument("--scenario", choices=("users", "broadcast", "both"), default="both")
     p.add_argument("--devices-per-user", type=int, default=2, help="'users' scenario: D")
     p.add_argument("--broadcast-users", type=int, default=10, help="'broadcast' scenario: U")
@@ -661,11 +879,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--ledger", choices=("sqlite", "postgres"), default="sqlite")
     p.add_argument("--repeat", type=int, default=1, help="runs per configuration (median)")
-    p.add_argument("--settle", type=float, default=3.0, help="seconds before the idle RSS")
-    p.add_argument("--connect-timeout", type=float, default=60.0)
-    p.add_argument("--drain-timeout", type=float, default=120.0, help="wait for frames, s")
     p.add_argument("--ack-timeout", type=float, default=30.0, help="wait for durable acks, s")
-    p.add_argument("--time-budget", type=float, default=600.0, help="seconds per run, at most")
     p.add_argument("--json", type=Path, default=None, help="write results to this file")
     args = p.parse_args(argv)
     if not 1 <= args.batch <= 1000:

@@ -106,9 +106,7 @@ def run_once(args: argparse.Namespace, ledger_kind: str, batch: int) -> IngestRe
             result.request_p50_ms = benchlib.percentile(lat, 50) * 1000
             result.request_p99_ms = benchlib.percentile(lat, 99) * 1000
         except Exception as exc:
-            result.error = f"{type(exc).__name__}: {exc}"
-            if not server.alive():
-                result.error += f"\nserver log:\n{server.log()}"
+            result.error = server.failure(exc)
         finally:
             server.stop()
     return result
