@@ -63,6 +63,10 @@ log = logging.getLogger("courier.node")
 MAX_PENDING = 10_000
 """Live events buffered per connection while it catches up; past this it re-reads the ledger."""
 
+SENT_FLUSH_SECONDS = 1.0
+"""How often devices whose only move is their ``sent`` cursor are written (acks are
+written every ``ack_flush_seconds``): while events flow that is every connected device."""
+
 GAP_GRACE = 0.05
 """Seconds to wait for a missing seq before reading the ledger: messages of two
 publishers can pass each other on the bus, and only a message still missing
@@ -584,8 +588,8 @@ class Node:
 
     # -- background loops ---------------------------------------------------------------------
 
-    async def flush_cursors(self) -> None:
-        moves = self.cursors.take()
+    async def flush_cursors(self, include_sent: bool = True) -> None:
+        moves = self.cursors.take(include_sent)
         if not moves:
             return
         try:
@@ -595,9 +599,9 @@ class Node:
             raise
         self.cursors.done()
 
-    async def flush_cursors_quietly(self) -> None:
+    async def flush_cursors_quietly(self, include_sent: bool = True) -> None:
         try:
-            await self.flush_cursors()
+            await self.flush_cursors(include_sent)
         except LedgerUnavailable as exc:
             self.metrics.cursor_flush_failures.inc()
             log.warning(
@@ -605,9 +609,15 @@ class Node:
             )
 
     async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
         while True:
             await asyncio.sleep(self.config.ack_flush_seconds)
-            await self.flush_cursors_quietly()
+            # Acks every round; devices that only moved ``sent`` once per SENT_FLUSH_SECONDS.
+            include_sent = loop.time() - sent_at >= SENT_FLUSH_SECONDS
+            if include_sent:
+                sent_at = loop.time()
+            await self.flush_cursors_quietly(include_sent)
 
     def _on_reconnect(self) -> None:
         """The bus came back: messages may have been lost, so compare with the ledger now."""

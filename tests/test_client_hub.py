@@ -169,3 +169,18 @@ async def test_fast_path_writes_at_once_and_never_overtakes_queued_frames() -> N
     assert seen == [2, 3, 4, 5] and client.sent_seq == 5  # e1 went by the fast path
     client.close(RESTART)
     await asyncio.wait_for(writer, 5)
+
+
+def test_sent_only_moves_wait_for_a_full_flush_and_acks_do_not() -> None:
+    buf = CursorBuffer()
+    buf.sent("u", "a", 5)  # only sent moved
+    buf.sent("u", "b", 5)
+    buf.ack("u", "b", 4)  # an ack: b goes in every flush, with its sent cursor
+    taken = buf.take(include_sent=False)
+    assert [(m.device, m.acked, m.sent) for m in taken] == [("b", 4, 5)]
+    buf.done()
+    assert len(buf) == 1
+    buf.sent("u", "a", 6)
+    assert [(m.device, m.acked, m.sent) for m in buf.take()] == [("a", 0, 6)]
+    buf.done()
+    assert len(buf) == 0
