@@ -1,7 +1,9 @@
 """Courier against Socket.IO 4.8: fan-out of single-event publishes to the devices of one user.
 
 Scenario: one user (one room) with N connected devices (sockets), E single-event publishes
-(default 10), no acks.
+(default 10), no acks. With ``--acks`` every Courier device acks every event (Socket.IO's
+devices still do not: the Redis emitter has no delivery acks), and Courier's CPU window
+runs until the ledger shows every device's ack durable, so the acks' whole cost counts.
 
 - Courier: ``courier serve`` in production mode on a scratch PostgreSQL ledger and Redis
   db 10 (``COURIER_REDIS_URL``); E requests ``POST /v1/events``, each with one event for
@@ -64,6 +66,7 @@ from bench.fanout import (
     print_problems,
     timed_fanout,
 )
+from bench.fanout import _durable_acks as durable_acks
 from bench.fanout import _publish_rounds as publish_rounds
 from tests.harness import free_port
 
@@ -103,6 +106,8 @@ class Run:
     max_ms: float = float("nan")
     open_after: int = 0
     close_codes: dict[int, int] = field(default_factory=dict)
+    acks_sent: int = 0
+    acks_durable_after_s: float = float("nan")
     error: str | None = None
 
 
@@ -146,6 +151,7 @@ def _measure(
     plans: list[WorkerPlan],
     publish: Callable[[], None],
     budget: float,
+    durable_acks: Callable[[], bool] | None = None,
 ) -> None:
     time.sleep(1.0)
     run.rss_before_kib = benchlib.rss_kib(pid)
@@ -160,8 +166,14 @@ def _measure(
         window = timed_fanout(fleet, pid, publish, run.frames_expected, args.drain_timeout, budget)
         run.publish_seconds = window.publish_seconds
         run.server_cpu_s = window.server_cpu_s
+        if durable_acks is not None:
+            # Until every ack is durable: the CPU of reading and writing them all counts.
+            if durable_acks():
+                run.acks_durable_after_s = time.monotonic() - window.frames_done
+            run.server_cpu_s = benchlib.cpu_seconds(pid) - window.cpu0
         seen = fleet.collect()
     run.frames = seen.frames
+    run.acks_sent = seen.acks
     run.open_after = seen.open
     run.close_codes = seen.close_codes
     if run.server_cpu_s > 0:
@@ -175,6 +187,8 @@ def _measure(
         run.error = (
             f"{run.frames}/{run.frames_expected} frames; connect errors {run.connect_errors}"
         )
+    elif durable_acks is not None and run.acks_durable_after_s != run.acks_durable_after_s:
+        run.error = "not every device's last ack was durable within --ack-timeout"
 
 
 def run_courier(args: argparse.Namespace, run: Run, budget: float) -> None:
@@ -191,8 +205,15 @@ def run_courier(args: argparse.Namespace, run: Run, budget: float) -> None:
                     server.port,
                     args.connect_timeout,
                     secret=server.jwt_secret,
-                    ack=False,
+                    ack=args.acks,
                 )
+
+                def durable() -> bool:
+                    done = asyncio.run(
+                        durable_acks(ledger.url, 1, len(devices), run.events, args.ack_timeout)
+                    )
+                    return done >= len(devices)
+
                 _measure(
                     args,
                     run,
@@ -200,6 +221,7 @@ def run_courier(args: argparse.Namespace, run: Run, budget: float) -> None:
                     plans,
                     lambda: asyncio.run(publish_rounds(server, [user], run.events, 1, budget)),
                     budget,
+                    durable if args.acks else None,
                 )
             except Exception as exc:
                 run.error = server.failure(exc)
@@ -328,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     add_connection_args(p, "devices of the one user")
     p.add_argument("--events", type=int, default=10, help="single-event publishes (E)")
     p.add_argument("--repeat", type=int, default=3, help="rounds of Courier then Socket.IO")
+    p.add_argument("--acks", action="store_true", help="Courier devices ack every event")
+    p.add_argument("--ack-timeout", type=float, default=30.0, help="wait for durable acks, s")
     p.add_argument(
         "--systems", choices=("both", *SYSTEMS), default="both", help="run only one side"
     )
@@ -346,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"compare: {info['cpus']} CPUs ({info['cpu_model']}), Python {info['python']},"
         f" {versions or 'Courier only'}; N={args.connections} devices of one user from"
-        f" {args.clients} client processes, {args.events} single-event publishes, no acks,"
+        f" {args.clients} client processes, {args.events} single-event publishes,"
+        f" {'Courier devices ack every event' if args.acks else 'no acks'},"
         f" {args.repeat} rounds",
         flush=True,
     )

@@ -673,6 +673,8 @@ class Window:
     frames_done: float
     """``time.monotonic()`` when every expected frame had arrived (or the wait ended)."""
     server_cpu_s: float
+    cpu0: float
+    """The server's CPU seconds just before the first publish."""
 
 
 def timed_fanout(
@@ -693,7 +695,7 @@ def timed_fanout(
     publish_seconds = time.monotonic() - p0
     fleet.wait_frames(expected, min(deadline, time.monotonic() + drain_timeout))
     frames_done = time.monotonic()
-    return Window(t0, publish_seconds, frames_done, benchlib.cpu_seconds(pid) - cpu0)
+    return Window(t0, publish_seconds, frames_done, benchlib.cpu_seconds(pid) - cpu0, cpu0)
 
 
 def _fan_out(

@@ -46,6 +46,10 @@ class FastWriter(Protocol):
 
     def fast_write(self, wire: bytes) -> None: ...
 
+    on_text: Callable[[bytes], bool] | None
+    """Set by the app: offered every text message from the peer before the ASGI path;
+    answers True if it handled the message (then it never reaches ``receive``)."""
+
 
 SentHook = Callable[["Client", int, int], None]
 """Called after a frame of an event is written: ``(client, seq, created_at_ms or 0)``."""

@@ -163,3 +163,22 @@ class InFrame(msgspec.Struct):
 
 
 in_frame_decoder = msgspec.json.Decoder(InFrame)
+
+_ACK_HEADS = (b'{"type":"ack","seq":', b'{"type": "ack", "seq": ')
+
+
+def ack_seq(data: bytes) -> int | None:
+    """The seq of an ack written the way clients write one, compact
+    (``{"type":"ack","seq":12}``) or with Python's default spacing; None for anything
+    else, which ``in_frame_decoder`` then reads in full. This is the frame a device sends
+    most: it is read without a JSON decoder."""
+    if data[-1:] != b"}":
+        return None
+    for head in _ACK_HEADS:
+        if data.startswith(head):
+            digits = data[len(head) : -1]
+            # JSON's form of a non-negative integer: ASCII digits, no leading zero.
+            if 0 < len(digits) <= 18 and digits.isdigit() and (digits[0] != 48 or len(digits) == 1):
+                return int(digits)
+            return None
+    return None

@@ -2,7 +2,8 @@
 
 The path of one event:
 
-1. ``publish``: the ledger records the batch (durable, idempotent, ``seq`` per user),
+1. ``publish``: the ledger records the batch (durable, idempotent, ``seq`` per user;
+   publishes that arrive while a commit is in flight share the next one),
    then each new event is encoded once and published on its user's channel.
 2. ``_on_message``: every node subscribed to that user decodes the envelope once
    and offers the same frame to each local connection of the user.
@@ -27,14 +28,17 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from channels.batching import Coalescer
 from channels.broker import Broker, user_channel
 from channels.client import Client, FastWriter
+from channels.commits import GroupCommit
 from channels.cursors import CursorBuffer
 from channels.disconnect import EVICTED, INTERNAL, REPLACED, RESTART, SLOW, Disconnect
 from channels.frames import (
     Delivery,
     Evict,
     Replace,
+    ack_seq,
     decode_bus,
     encode_delivery,
     encode_evict,
@@ -66,6 +70,9 @@ MAX_PENDING = 10_000
 SENT_FLUSH_SECONDS = 1.0
 """How often devices whose only move is their ``sent`` cursor are written (acks are
 written every ``ack_flush_seconds``): while events flow that is every connected device."""
+
+BACKFILL_BATCH = 1000
+"""Devices per batched backfill read (a reconnect storm reads in batches of this many)."""
 
 GAP_GRACE = 0.05
 """Seconds to wait for a missing seq before reading the ledger: messages of two
@@ -168,7 +175,16 @@ class Node:
         self._reconcile_now = asyncio.Event()
         self._registrar = _Registrar(ledger, self._spawn, config.device_limit, self._evict)
         self.outbox = Outbox(broker, self._spawn)
+        self.commits = GroupCommit(ledger.record, self._spawn)
+        page = max(1, min(config.backfill_page, config.send_queue_size // 2))
+        self._backfill: Coalescer[tuple[str, str, int], tuple[list[StoredEvent], int]] = Coalescer(
+            lambda wanted: ledger.backfill_many(wanted, page),
+            self._spawn,
+            max_batch=BACKFILL_BATCH,
+        )
+        self.backfill_page = page
         self.draining = False
+        self.acks_uncounted = 0
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -316,6 +332,16 @@ class Node:
         self._release(client.user)
         return True
 
+    def ack_frame(self, client: Client, data: bytes) -> bool:
+        """A text message read by the transport: True if it was an ack, now taken."""
+        if client.closed:
+            return False
+        seq = ack_seq(data)
+        if seq is None:
+            return False
+        self.ack(client, seq)
+        return True
+
     def ack(self, client: Client, seq: int) -> None:
         """A cumulative ack from the device; acks beyond what it was given are clamped."""
         if seq > client.position:
@@ -329,7 +355,7 @@ class Node:
             return
         client.acked = seq
         self.cursors.ack(client.user, client.device, seq)
-        self.metrics.acks.inc()
+        self.acks_uncounted += 1  # counted in bulk by the flush loop
 
     def _on_close(self, client: Client, disconnect: Disconnect) -> None:
         if disconnect is SLOW:
@@ -397,7 +423,7 @@ class Node:
 
     async def publish(self, batch: Sequence[NewEvent]) -> list[Recorded]:
         """Record ``batch`` durably, then fan the new events out. Raises ``LedgerUnavailable``."""
-        answers = await self.ledger.record(batch)
+        answers = await self.commits.record(batch)
         messages = []
         for a in answers:
             if a.event is not None:
@@ -550,7 +576,7 @@ class Node:
         already at it needs no backfill read (everything newer arrives live).
         """
         backoff = 0.2
-        page = max(1, min(self.config.backfill_page, self.config.send_queue_size // 2))
+        page = self.backfill_page
         while not client.closed:
             if client.queued + page > client.max_queue:
                 await client.wait_drained()  # a long backlog flows at the socket's pace
@@ -561,9 +587,8 @@ class Node:
             else:
                 self.metrics.catch_ups.inc()
                 try:
-                    rows, head = await self.ledger.backfill(
-                        client.user, client.device, client.position, page
-                    )
+                    # Batched with every other connection catching up meanwhile.
+                    rows, head = await self._backfill((client.user, client.device, client.position))
                 except LedgerUnavailable as exc:
                     # Keep the connection: it catches up as soon as the ledger answers.
                     log.warning(
@@ -588,7 +613,13 @@ class Node:
 
     # -- background loops ---------------------------------------------------------------------
 
+    def count_acks(self) -> None:
+        if self.acks_uncounted:
+            self.metrics.acks.inc(self.acks_uncounted)
+            self.acks_uncounted = 0
+
     async def flush_cursors(self, include_sent: bool = True) -> None:
+        self.count_acks()
         moves = self.cursors.take(include_sent)
         if not moves:
             return

@@ -42,7 +42,9 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    registry = services_of(request).metrics.registry
+    svc = services_of(request)
+    svc.node.count_acks()  # acks are counted in bulk: bring the count up to date
+    registry = svc.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 

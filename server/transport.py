@@ -21,6 +21,8 @@ Under any other ASGI server the app works as before, without these guarantees.
   whatever else arrived in the same read (a close frame) is handled, never raised.
 * No exception escapes ``data_received``: a protocol error drops that connection
   only, with one WARNING.
+* Text messages are offered to the app's ``on_text`` first (acks are read there, in
+  the protocol's own callback); whatever it declines goes the ASGI way.
 * Pings from the peer are charged to the connection's frame budget, the token bucket
   of ``COURIER_RATE_LIMIT`` per second (``COURIER_RATE_BURST`` at once) that its data
   frames are charged to too (handed to the app in ``scope["extensions"]``); a peer
@@ -197,6 +199,7 @@ class CourierWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self._limits = limits()
         self._budget = TokenBucket(self._limits.ping_rate, self._limits.ping_burst)
+        self.on_text: Callable[[bytes], bool] | None = None
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -223,6 +226,9 @@ class CourierWebSocketProtocol(WebSocketsSansIOProtocol):
     def fast_write(self, wire: bytes) -> None:
         self.transport.write(wire)
 
+    # ``on_text`` (set by the app): offered each whole text message first; True means it was
+    # handled here, without an ASGI message, a queue hop, or pausing the socket's reads.
+
     def data_received(self, data: bytes) -> None:
         try:
             super().data_received(data)
@@ -242,6 +248,9 @@ class CourierWebSocketProtocol(WebSocketsSansIOProtocol):
     def send_receive_event_to_app(self) -> None:
         if self.curr_msg_data_type == "text":
             data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+            if self.on_text is not None and not self.close_sent and self.on_text(data):
+                self.frames = []
+                return
             try:
                 data.decode()
             except UnicodeDecodeError:

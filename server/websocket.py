@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -94,13 +95,14 @@ async def device_socket(websocket: WebSocket) -> None:
     # with an HTTP answer; frames queued meanwhile (hello, backfill) go out once accepted.
     extensions = websocket.scope.get("extensions") or {}
     budget = extensions.get(SCOPE_KEY)
-    fast = extensions.get(FAST_KEY)  # only under ``courier serve``; else the plain ASGI path
+    door = extensions.get(FAST_KEY)  # only under ``courier serve``; else the plain ASGI path
+    fast = door if isinstance(door, FastWriter) else None
     client = node.new_client(
         websocket,
         identity.user,
         identity.device,
         budget if isinstance(budget, TokenBucket) else None,
-        fast if isinstance(fast, FastWriter) else None,
+        fast,
     )
     try:
         await node.connect(client, after)
@@ -134,6 +136,8 @@ async def device_socket(websocket: WebSocket) -> None:
     expiry = loop.call_later(
         max(0.0, identity.expires_at - time.time()), client.close, TOKEN_EXPIRED
     )
+    if fast is not None:
+        fast.on_text = functools.partial(node.ack_frame, client)  # acks never reach _read
     writer = client.writer_task = asyncio.create_task(client.run_writer())
     reader = asyncio.create_task(_read(websocket, client, node))
     peer_code: int | None = None
@@ -152,6 +156,8 @@ async def device_socket(websocket: WebSocket) -> None:
             # We are closing: let the writer flush the close frame (bounded by its abort timer).
             await asyncio.wait({writer})
     finally:
+        if fast is not None:
+            fast.on_text = None
         expiry.cancel()
         for task in (reader, writer):
             task.cancel()

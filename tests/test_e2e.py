@@ -228,6 +228,35 @@ async def test_two_devices_ack_independently(server: ServerProcess) -> None:
     await b2.close()
 
 
+async def test_acks_in_any_json_form_are_taken(server: ServerProcess) -> None:
+    """The transport reads the usual forms of an ack itself; any other JSON form of it
+    takes the full decoder, with the same result."""
+    user = unique()
+    published = await server.publish_many([{"user": user, "kind": "k"} for _ in range(3)])
+    forms = {
+        "compact": '{"type":"ack","seq":%d}',
+        "spaced": '{"type": "ack", "seq": %d}',
+        "reordered": '{"seq":%d,"type":"ack"}',
+        "padded": ' { "type" : "ack" , "seq" : %d } ',
+        "extra": '{"type":"ack","seq":%d,"note":"ok"}',
+    }
+    for name, form in forms.items():
+        phone = await Device.connect(server, user, name)
+        assert [e["seq"] for e in await phone.events(3)] == [1, 2, 3]
+        await phone.send(form % 2)
+        await phone.send(form % 9)  # beyond what it was given: clamped, and told
+        reply = await phone.frame()
+        assert reply["type"] == "error" and reply["code"] == "bad_ack", (name, reply)
+        await phone.close()
+
+    async def acked() -> dict[str, int]:
+        devices = (await server.get(f"/v1/users/{user}/devices")).json()["devices"]
+        return {d["device"]: d["acked_seq"] for d in devices}
+
+    await until(lambda: _equals(acked(), dict.fromkeys(forms, 3)))
+    assert published[-1]["seq"] == 3
+
+
 @pytest.mark.parametrize(
     "bad",
     ["missing", "garbage", "expired", "wrong-secret", "alg-none", "no-device", "bad-user"],
@@ -275,6 +304,9 @@ async def test_bad_frames_get_errors_and_never_hurt_others(server: ServerProcess
         '{"type": "ack", "seq": "x"}',
         '{"type": "ack"}',
         '{"type": "ack", "seq": -1}',
+        '{"type":"ack","seq":01}',
+        '{"type":"ack","seq":1.5}',
+        '{"type":"ack","seq":٣}',
         '{"type": "nope"}',
         b"\x00\x01binary",
         '{"type": "ping", "x": ' + "[" * 5000 + "]" * 5000 + "}",  # deeply nested, 10 KB

@@ -67,6 +67,29 @@ async def test_concurrent_duplicates_record_once(ledger: Ledger) -> None:
     assert len({r.seq for r in flat}) == 1
 
 
+async def test_backfill_of_many_devices_at_once_matches_each_alone(ledger: Ledger) -> None:
+    now = 1_000_000
+    users = [unique() for _ in range(3)]
+    for n, user in enumerate(users):
+        await ledger.record(
+            [ev(user, device="d1"), ev(user, ttl=10), ev(user, collapse="c"), ev(user)]
+            + [ev(user, collapse="c") for _ in range(n)],
+            now=now,
+        )
+    stranger = unique()
+    wanted = [(u, d, a) for u in users for d in ("d1", "d2") for a in (0, 1, 3, 9)]
+    # Past one statement's chunk of devices, with a user that has no events at all.
+    wanted += [(users[0], f"x{i}", i % 4) for i in range(1100)] + [(stranger, "d1", 0)]
+    many = await ledger.backfill_many(wanted, 2, now=now + 20_000)
+    assert len(many) == len(wanted)
+    for k in [*range(24), *range(24, len(wanted), 37)]:  # every user's cases, a sample of x*
+        user, device, after = wanted[k]
+        assert many[k] == await ledger.backfill(user, device, after, 2, now=now + 20_000), k
+    assert many[0][1] == 4 and [r.seq for r in many[0][0]] == [1, 3]
+    assert many[-1] == ([], 0)
+    assert await ledger.backfill_many([], 10) == []
+
+
 async def test_backfill_filters_device_expiry_and_supersession(ledger: Ledger) -> None:
     user = unique()
     now = 1_000_000

@@ -306,3 +306,50 @@ async def test_hello_says_when_retention_deleted_what_the_device_missed(node: No
     assert await settled(current, sink2, 1) == [3]
     assert sink2.frames()[0]["truncated"] is False
     node.disconnect(current)
+
+
+async def test_a_reconnect_storm_reads_the_ledger_in_batches(node: Node, ledger: Ledger) -> None:
+    users = [unique() for _ in range(60)]
+    await ledger.record([ev(u) for u in users for _ in range(5)])  # 5 missed events each
+
+    def catch_ups() -> float:
+        return node.metrics.registry.get_sample_value("courier_catch_ups_total") or 0.0
+
+    reads_before = catch_ups()
+    # Everyone at once, as after a network outage; pages of 3 make each need two reads.
+    phones = await asyncio.gather(*(connect(node, u) for u in users))
+    got = await asyncio.gather(*(settled(c, s, 5) for c, s in phones))
+    assert got == [[1, 2, 3, 4, 5]] * len(users)
+    reads = catch_ups() - reads_before
+    assert reads == 2 * len(users)  # each device read its two pages...
+    assert node._backfill.requests == reads
+    assert node._backfill.calls <= 6  # ...in a few shared statements, not 120 transactions
+
+
+async def test_a_failed_batched_read_fails_its_requests_and_the_next_batch_reads(
+    ledger: Ledger,
+) -> None:
+    from channels.batching import Coalescer
+
+    calls: list[list[int]] = []
+    down = True
+
+    async def read(keys: list[int]) -> list[int]:
+        calls.append(keys)
+        if down:
+            raise ConnectionError("ledger down")
+        return [k * 10 for k in keys]
+
+    tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(coro: object) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)  # type: ignore[arg-type]
+        tasks.add(task)
+        return task
+
+    coalesce: Coalescer[int, int] = Coalescer(read, spawn, max_batch=3)
+    failed = await asyncio.gather(*(coalesce(k) for k in range(4)), return_exceptions=True)
+    assert all(isinstance(f, ConnectionError) for f in failed)
+    down = False
+    assert await asyncio.gather(*(coalesce(k) for k in range(5))) == [0, 10, 20, 30, 40]
+    assert [len(c) for c in calls] == [3, 1, 3, 2]  # batches of at most 3, in order
