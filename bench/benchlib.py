@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import platform
 import resource
@@ -20,7 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +83,31 @@ def percentile(sorted_values: Sequence[float], p: float) -> float:
         return float("nan")
     k = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
     return float(sorted_values[k])
+
+
+def save_results(
+    name: str, path: Path | None, started: datetime, args: Any, fields: dict[str, Any]
+) -> Path:
+    """Write a run's results as JSON: ``path``, or ``bench/results/<name>-<started>.json``;
+    with the start time, the machine and the arguments. Answers the path written."""
+    path = path or ROOT / "bench" / "results" / f"{name}-{started:%Y%m%d-%H%M%S}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {
+        "started": started.isoformat(timespec="seconds"),
+        "machine": machine(),
+        "args": vars(args) | {"json": str(path)},
+        **fields,
+    }
+    path.write_text(json.dumps(body, indent=2, default=str) + "\n")
+    return path
+
+
+def finish(name: str, args: Any, started: datetime, runs: Sequence[Any]) -> int:
+    """Save the runs (dataclasses with an ``error``), say where; the exit status: 1 if any
+    run failed."""
+    path = save_results(name, args.json, started, args, {"runs": [asdict(r) for r in runs]})
+    print(f"{name}: results in {path}")
+    return 1 if any(r.error for r in runs) else 0
 
 
 def median(values: Sequence[float]) -> float:
@@ -218,6 +246,23 @@ class Server(ServerProcess):
             except ValueError:
                 continue
         return out
+
+
+@contextlib.contextmanager
+def courier_on_postgres(redis_url: str) -> Iterator[tuple[Server, Ledger]]:
+    """A production-mode ``courier serve`` on a scratch PostgreSQL ledger and its own
+    Redis db (flushed before and after); stopped when the block ends."""
+    flush_redis_db(redis_url)
+    try:
+        with Ledger("postgres") as ledger:
+            server = Server(ledger.url, ledger.tmp, redis_url=redis_url)
+            try:
+                server.start()
+                yield server, ledger
+            finally:
+                server.stop()
+    finally:
+        flush_redis_db(redis_url)
 
 
 def flush_redis_db(url: str) -> None:

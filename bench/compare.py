@@ -77,7 +77,6 @@ SIO_REDIS = "redis://127.0.0.1:6379/9"
 SIO_KEY = "courier-bench-sio"
 """Channel prefix of the Socket.IO adapter and emitter (pub/sub channels are not per db)."""
 SIO_DIR = benchlib.ROOT / "bench" / "socketio"
-RESULTS = benchlib.ROOT / "bench" / "results"
 SIO_PACKAGES = ("socket.io", "@socket.io/redis-adapter", "@socket.io/redis-emitter", "redis")
 
 
@@ -385,22 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(runs)
     print()
     print_summary(summary)
-    path = args.json or RESULTS / f"compare-{started:%Y%m%d-%H%M%S}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        json.dumps(
-            {
-                "started": started.isoformat(timespec="seconds"),
-                "machine": info,
-                "socketio": versions,
-                "args": vars(args) | {"json": str(path)},
-                "summary": summary,
-                "runs": [asdict(r) for r in runs],
-            },
-            indent=2,
-            default=str,
-        )
-        + "\n"
+    path = benchlib.save_results(
+        "compare",
+        args.json,
+        started,
+        args,
+        {"socketio": versions, "summary": summary, "runs": [asdict(r) for r in runs]},
     )
     print(f"\ncompare: results in {path}")
     return 1 if any(r.error for r in runs) else 0

@@ -83,6 +83,8 @@ class Stats:
         self.last_recv_ns = 0
         self.closed = 0
         self.close_codes: dict[int, int] = {}
+        self.out_of_order = 0
+        """Events whose seq was not the one after the device's previous event."""
 
 
 class Device(asyncio.Protocol):
@@ -94,6 +96,7 @@ class Device(asyncio.Protocol):
         "_frag_compressed",
         "_hello",
         "_inflate",
+        "_last_seq",
         "_request",
         "_stats",
         "_transport",
@@ -114,6 +117,7 @@ class Device(asyncio.Protocol):
         self._frag: list[bytes] | None = None
         self._frag_compressed = False
         self._inflate: Any = None
+        self._last_seq = 0
         self._transport: asyncio.Transport | None = None
         self._upgraded = False
         self.deflate = False
@@ -211,6 +215,9 @@ class Device(asyncio.Protocol):
     def _event(self, frame: _Frame, now_ns: int) -> None:
         stats = self._stats
         stats.frames += 1
+        if frame.seq and frame.seq != self._last_seq + 1:
+            stats.out_of_order += 1
+        self._last_seq = frame.seq
         stats.last_recv_ns = now_ns
         if frame.data is not None and frame.data.t:
             stats.latencies.append(now_ns // 1000 - frame.data.t)
@@ -330,9 +337,11 @@ async def _client_main(plan: WorkerPlan, ctrl: Connection, progress: Any) -> Non
                 errors[reason] = errors.get(reason, 0) + 1
 
     started = time.monotonic()
+    started_ns = time.time_ns()
     await asyncio.gather(*(open_one(u, d) for u, d in plan.devices))
     ctrl.send(
         {
+            "started_ns": started_ns,
             "connected": len(devices),
             "errors": errors,
             "seconds": time.monotonic() - started,
@@ -364,6 +373,7 @@ async def _client_main(plan: WorkerPlan, ctrl: Connection, progress: Any) -> Non
                         "latencies": stats.latencies.tobytes(),
                         "open": sum(1 for d in devices if d.open),
                         "close_codes": stats.close_codes,
+                        "out_of_order": stats.out_of_order,
                     }
                 )
             elif command == "close":
@@ -462,6 +472,7 @@ class Collected:
     last_recv_ns: int = 0
     latencies: array[int] = field(default_factory=lambda: array("q"))
     close_codes: dict[int, int] = field(default_factory=dict)
+    out_of_order: int = 0
 
     def percentiles_ms(self) -> dict[str, float]:
         """p50/p95/p99/max of the latencies, in ms (NaN without any)."""
@@ -520,6 +531,7 @@ class Fleet:
         return {
             "connected": sum(h["connected"] for h in hellos),
             "seconds": max(h["seconds"] for h in hellos),
+            "started_ns": min(h["started_ns"] for h in hellos),
             "deflate": sum(h["deflate"] for h in hellos),
             "errors": errors,
         }
@@ -545,6 +557,7 @@ class Fleet:
             out.acks += s["acks"]
             out.open += s["open"]
             out.last_recv_ns = max(out.last_recv_ns, s["last_recv_ns"])
+            out.out_of_order += s["out_of_order"]
             chunk = array("q")
             chunk.frombytes(s["latencies"])
             out.latencies.extend(chunk)

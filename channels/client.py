@@ -82,6 +82,7 @@ class Client:
         "pending",
         "pending_overflow",
         "position",
+        "sent_noted",
         "sent_seq",
         "user",
         "writer_task",
@@ -122,6 +123,7 @@ class Client:
         self.position = 0
         self.acked = 0
         self.sent_seq = 0
+        self.sent_noted = 0  # the sent_seq last handed to the node's cursor buffer
         # While catching up from the ledger, live deliveries wait in ``pending``.
         self.catching_up = True
         self.pending: list[Delivery] = []

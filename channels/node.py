@@ -185,6 +185,7 @@ class Node:
         self.backfill_page = page
         self.draining = False
         self.acks_uncounted = 0
+        self._sent_users: set[str] = set()  # users whose connections got frames lately
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -323,6 +324,7 @@ class Node:
         if client.catch_up_task is not None:
             client.catch_up_task.cancel()
         if self._leave(client):
+            self._note_sent(client)
             self.cursors.seen(client.user, client.device, now_ms())
             self.metrics.connections.dec()
 
@@ -369,7 +371,7 @@ class Node:
             )
 
     def _on_sent(self, client: Client, seq: int, created_at: int) -> None:
-        self.cursors.sent(client.user, client.device, seq)
+        self._sent_users.add(client.user)
         self.metrics.frames_delivered.inc()
         if created_at:
             self.metrics.latency.observe(max(0, now_ms() - created_at) / 1000)
@@ -481,6 +483,7 @@ class Node:
             return
         now = now_ms()
         written = 0
+        self._sent_users.add(message.user)
         for client in self.hub.clients(message.user):
             written += self._deliver(client, message, now)
         self._count_written(written, message.created_at)
@@ -529,10 +532,13 @@ class Node:
             return 0  # for another device of the user
         if d.expires_at is not None and d.expires_at <= now:
             return 0
-        if client.send(d.frame, d.seq, d.created_at, d.wire) and client.sent_seq == d.seq:
-            self.cursors.sent(client.user, client.device, d.seq)
-            return 1
-        return 0
+        # The sent cursor is read off the connection when cursors are written (see
+        # _note_sent), not noted per frame.
+        return (
+            1
+            if client.send(d.frame, d.seq, d.created_at, d.wire) and client.sent_seq == d.seq
+            else 0
+        )
 
     def _ensure_catch_up(
         self, client: Client, known_head: int | None = None, grace: float = 0.0
@@ -618,8 +624,23 @@ class Node:
             self.metrics.acks.inc(self.acks_uncounted)
             self.acks_uncounted = 0
 
+    def _note_sent(self, client: Client) -> None:
+        if client.sent_seq > client.sent_noted:
+            client.sent_noted = client.sent_seq
+            self.cursors.sent(client.user, client.device, client.sent_seq)
+
+    def _collect_sent(self) -> None:
+        """Hand the sent cursors of the users that got frames since the last time to the
+        cursor buffer: one pass per flush instead of a buffer update per frame."""
+        users, self._sent_users = self._sent_users, set()
+        for user in users:
+            for client in self.hub.clients(user):
+                self._note_sent(client)
+
     async def flush_cursors(self, include_sent: bool = True) -> None:
         self.count_acks()
+        if include_sent:
+            self._collect_sent()
         moves = self.cursors.take(include_sent)
         if not moves:
             return

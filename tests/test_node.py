@@ -353,3 +353,40 @@ async def test_a_failed_batched_read_fails_its_requests_and_the_next_batch_reads
     down = False
     assert await asyncio.gather(*(coalesce(k) for k in range(5))) == [0, 10, 20, 30, 40]
     assert [len(c) for c in calls] == [3, 1, 3, 2]  # batches of at most 3, in order
+
+
+async def test_sent_cursors_are_read_off_connections_when_cursors_are_written(
+    ledger: Ledger, broker: LossyBroker
+) -> None:
+    # The flush loop is idle here (an hour between rounds): the test drives each flush.
+    node = Node(
+        NodeConfig(node_id="t", ack_flush_seconds=3600, reconcile_seconds=3600),
+        ledger,
+        broker,
+        Metrics(),
+    )
+    await node.start()
+    try:
+        await _sent_cursors(node, ledger)
+    finally:
+        await node.stop()
+
+
+async def _sent_cursors(node: Node, ledger: Ledger) -> None:
+    user = unique()
+    client, sink = await connect(node, user)
+    await node.publish([ev(user) for _ in range(3)])
+    assert await settled(client, sink, 3) == [1, 2, 3]
+
+    async def sent() -> dict[str, int]:
+        return {d.device: d.sent_seq for d in await ledger.devices(user)}
+
+    await node.flush_cursors(include_sent=False)  # an ack round: no sent cursor moved
+    assert await sent() == {"d": 0}
+    await node.flush_cursors()
+    assert await sent() == {"d": 3}
+    await node.publish([ev(user)])
+    assert await settled(client, sink, 4) == [1, 2, 3, 4]
+    node.disconnect(client)  # a connection that ends hands its sent cursor over at once
+    await node.flush_cursors(include_sent=False)
+    assert await sent() == {"d": 4}
