@@ -114,9 +114,10 @@ class Client:
         self._on_sent = on_sent
         self._on_close = on_close
         self._queue: deque[tuple[int, int, str]] = deque()
-        self._wake = asyncio.Event()
-        self._drained = asyncio.Event()
-        self._drained.set()
+        # Futures made only while someone waits (no per-connection Event objects): the
+        # writer's wait for frames, and catch-up's wait for the queue to drain.
+        self._wake: asyncio.Future[None] | None = None
+        self._drained: asyncio.Future[None] | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
         # Delivery position in the user's stream: every event with seq <= position
         # that this device should get has been queued (or deliberately skipped).
@@ -167,8 +168,7 @@ class Client:
             self.close(SLOW)
             return False
         self._queue.append((seq, created_at, frame))
-        self._wake.set()
-        self._drained.clear()
+        _resolve(self._wake)
         return True
 
     def close(self, disconnect: Disconnect) -> None:
@@ -178,8 +178,8 @@ class Client:
         self.closed = True
         self.disconnect = disconnect
         self._queue.clear()
-        self._wake.set()
-        self._drained.set()
+        _resolve(self._wake)
+        _resolve(self._drained)
         self._abort_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._abort)
         if self._on_close is not None:
             self._on_close(self, disconnect)
@@ -190,7 +190,11 @@ class Client:
         Catch-up uses this between backfill pages so that a long backlog flows at the
         socket's pace instead of overflowing the queue.
         """
-        await self._drained.wait()
+        if self.closed or (not self._queue and not self._inflight):
+            return
+        if self._drained is None or self._drained.done():
+            self._drained = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._drained)  # one waiter cancelled leaves the others waiting
 
     def _abort(self) -> None:
         # The peer did not take even the close frame (it stopped reading): give up on it.
@@ -207,9 +211,12 @@ class Client:
         """Write queued frames in order until closed; then send the close frame."""
         queue, sink = self._queue, self._sink
         try:
+            loop = asyncio.get_running_loop()
             while True:
-                await self._wake.wait()
-                self._wake.clear()
+                if not queue and not self.closed:
+                    self._wake = loop.create_future()
+                    await self._wake
+                    self._wake = None
                 while queue:
                     seq, created_at, frame = queue.popleft()
                     self._inflight = True
@@ -219,7 +226,7 @@ class Client:
                         self.sent_seq = seq
                         if self._on_sent is not None:
                             self._on_sent(self, seq, created_at)
-                self._drained.set()
+                _resolve(self._drained)
                 if self.closed:
                     break
             assert self.disconnect is not None
@@ -227,3 +234,8 @@ class Client:
         finally:
             if self._abort_timer is not None:
                 self._abort_timer.cancel()
+
+
+def _resolve(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)

@@ -242,7 +242,13 @@ class CourierWebSocketProtocol(WebSocketsSansIOProtocol):
 
     async def send(self, message: Any) -> None:
         await super().send(message)
-        if message["type"] == "websocket.http.response.body" and not message.get("more_body"):
+        kind = message["type"]
+        if kind == "websocket.accept":
+            # The upgrade is written: the handshake's request and response objects (headers
+            # parsed twice over) are not read again; the scope keeps what the app reads.
+            self.request = None  # type: ignore[assignment]
+            self.response = None  # type: ignore[assignment]
+        elif kind == "websocket.http.response.body" and not message.get("more_body"):
             self.handshake_complete = True  # a refusal answered in full is a finished handshake
 
     def send_receive_event_to_app(self) -> None:
