@@ -113,7 +113,9 @@ class Client:
         self.max_queue = max_queue
         self._on_sent = on_sent
         self._on_close = on_close
-        self._queue: deque[tuple[int, int, str]] = deque()
+        # Frames waiting for the writer; made when needed and let go once empty (an idle
+        # connection holds no deque).
+        self._queue: deque[tuple[int, int, str]] | None = None
         # Futures made only while someone waits (no per-connection Event objects): the
         # writer's wait for frames, and catch-up's wait for the queue to drain.
         self._wake: asyncio.Future[None] | None = None
@@ -139,7 +141,7 @@ class Client:
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return 0 if self._queue is None else len(self._queue)
 
     def send(self, frame: str, seq: int = 0, created_at: int = 0, wire: bytes = b"") -> bool:
         """Send a frame without waiting. False if the connection is closing or just overflowed.
@@ -164,10 +166,13 @@ class Client:
             if seq:
                 self.sent_seq = seq
             return True
-        if len(self._queue) >= self.max_queue:
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = deque()
+        elif len(queue) >= self.max_queue:
             self.close(SLOW)
             return False
-        self._queue.append((seq, created_at, frame))
+        queue.append((seq, created_at, frame))
         _resolve(self._wake)
         return True
 
@@ -177,7 +182,9 @@ class Client:
             return
         self.closed = True
         self.disconnect = disconnect
-        self._queue.clear()
+        if self._queue is not None:
+            self._queue.clear()  # the writer may be iterating it: it stops at once
+            self._queue = None
         _resolve(self._wake)
         _resolve(self._drained)
         self._abort_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._abort)
@@ -209,14 +216,16 @@ class Client:
 
     async def run_writer(self) -> None:
         """Write queued frames in order until closed; then send the close frame."""
-        queue, sink = self._queue, self._sink
+        sink = self._sink
         try:
             loop = asyncio.get_running_loop()
             while True:
-                if not queue and not self.closed:
+                if not self._queue and not self.closed:
+                    self._queue = None
                     self._wake = loop.create_future()
                     await self._wake
                     self._wake = None
+                queue = self._queue
                 while queue:
                     seq, created_at, frame = queue.popleft()
                     self._inflight = True
@@ -226,6 +235,7 @@ class Client:
                         self.sent_seq = seq
                         if self._on_sent is not None:
                             self._on_sent(self, seq, created_at)
+                queue = None  # not kept alive while waiting
                 _resolve(self._drained)
                 if self.closed:
                     break

@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from channels.broker import Broker, MemoryBroker
 from channels.metrics import Metrics
@@ -190,11 +192,29 @@ def create_app(settings: Settings) -> Starlette:
             transport.count_refusals(None)
             log.info("node %s stopped", settings.node_id)
 
-    return Starlette(
+    return CourierApp(
         routes=[*websocket.routes(), *api.routes(), *ops.routes()],
         lifespan=lifespan,
         exception_handlers={Exception: internal_error},
     )
+
+
+class CourierApp(Starlette):
+    """Starlette, with device connections handed to their endpoint directly.
+
+    A device connection lives for hours; through the router and the exception
+    middlewares it would hold their coroutine frames (about 4 KiB) all that time. The
+    endpoint handles every error of its own (a refusal is an HTTP answer, a fault a close
+    code), so it needs neither. Any other path, ``/v1/ws`` under a ``root_path`` too,
+    goes the usual way to the same endpoint.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == websocket.PATH:
+            scope["app"] = self
+            await websocket.device_socket(WebSocket(scope, receive, send))
+            return
+        await super().__call__(scope, receive, send)
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:

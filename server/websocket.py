@@ -229,5 +229,8 @@ def _allowed(client: Client) -> bool:
     return False
 
 
+PATH = "/v1/ws"
+
+
 def routes() -> list[WebSocketRoute]:
-    return [WebSocketRoute("/v1/ws", device_socket)]
+    return [WebSocketRoute(PATH, device_socket)]
