@@ -21,6 +21,9 @@ Under any other ASGI server the app works as before, without these guarantees.
   whatever else arrived in the same read (a close frame) is handled, never raised.
 * No exception escapes ``data_received``: a protocol error drops that connection
   only, with one WARNING.
+* A connection holds less: uvicorn's per-connection ``asyncio.Queue`` and flow-control
+  ``asyncio.Event`` are replaced by equivalents that allocate only while something
+  waits.
 * Text messages are offered to the app's ``on_text`` first (acks are read there, in
   the protocol's own callback); whatever it declines goes the ASGI way.
 * Pings from the peer are charged to the connection's frame budget, the token bucket
@@ -40,6 +43,7 @@ import asyncio
 import functools
 import json
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -194,9 +198,75 @@ class CourierHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
 
+class _Inbox:
+    """The connection's queue of ASGI messages for its one reader, the app: a deque made
+    only while messages wait and a future only while the app waits (``asyncio.Queue``
+    holds three deques for the connection's whole life). What uvicorn's protocol uses of
+    a queue: ``put_nowait``, ``get``, ``empty``."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[Any] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        if self._items is None:
+            self._items = deque()
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = self._items.popleft()
+        if not self._items:
+            self._items = None
+        return item
+
+    def empty(self) -> bool:
+        return not self._items
+
+
+class _Flag:
+    """``asyncio.Event`` without its per-instance deque: flow control's "writable" flag,
+    with a future only while a send waits for the socket to drain."""
+
+    __slots__ = ("_set", "_waiter")
+
+    def __init__(self) -> None:
+        self._set = True
+        self._waiter: asyncio.Future[None] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> None:
+        while not self._set:
+            if self._waiter is None or self._waiter.done():
+                self._waiter = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._waiter)
+
+
 class CourierWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Lighter equivalents of uvicorn's per-connection queue and flow-control event.
+        self.queue = _Inbox()  # type: ignore[assignment]
+        self.writable = _Flag()  # type: ignore[assignment]
         self._limits = limits()
         self._budget = TokenBucket(self._limits.ping_rate, self._limits.ping_burst)
         self.on_text: Callable[[bytes], bool] | None = None
