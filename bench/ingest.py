@@ -24,8 +24,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httpx
-
 from bench import benchlib
 
 
@@ -54,19 +52,16 @@ async def _publish(
     max_events: int,
 ) -> tuple[int, int, float, list[float]]:
     """Publish until ``duration`` seconds or ``max_events``; answers events, requests, s, lat."""
-    headers = {"Authorization": f"Bearer {server.api_key}"}
     counter = itertools.count()
     latencies: list[float] = []
     sent = 0
     requests = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(
-        base_url=server.url, headers=headers, timeout=60.0, limits=limits
-    ) as http:
+    posters = [await benchlib.Poster.open(server.port, server.api_key) for _ in range(concurrency)]
+    try:
         start = time.monotonic()
         stop_at = start + duration
 
-        async def publisher() -> None:
+        async def publisher(http: benchlib.Poster) -> None:
             nonlocal sent, requests
             while time.monotonic() < stop_at and sent < max_events:
                 body = []
@@ -76,15 +71,18 @@ async def _publish(
                         {"user": f"u{i % users:06d}", "kind": "bench.ingest", "data": {"i": i}}
                     )
                 t = time.monotonic()
-                response = await http.post("/v1/events", content=json.dumps(body))
+                status, answer = await http.post(json.dumps(body).encode())
                 latencies.append(time.monotonic() - t)
-                if response.status_code != 201:
-                    raise RuntimeError(f"publish: HTTP {response.status_code} {response.text}")
+                if status != 201:
+                    raise RuntimeError(f"publish: HTTP {status} {answer[:300]!r}")
                 sent += batch
                 requests += 1
 
-        await asyncio.gather(*(publisher() for _ in range(concurrency)))
+        await asyncio.gather(*(publisher(p) for p in posters))
         return sent, requests, time.monotonic() - start, latencies
+    finally:
+        for p in posters:
+            p.close()
 
 
 def run_once(args: argparse.Namespace, ledger_kind: str, batch: int) -> IngestResult:

@@ -60,25 +60,6 @@ class LatencyRun:
     error: str | None = None
 
 
-class _Http:
-    """One kept-alive HTTP/1.1 connection that sends POSTs and reads their answers."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    async def post(self, head: bytes, body: bytes) -> int:
-        self.writer.write(head + b"%d\r\n\r\n" % len(body) + body)
-        status_line = await self.reader.readuntil(b"\r\n")
-        status = int(status_line.split(b" ", 2)[1])
-        length = 0
-        while (line := await self.reader.readuntil(b"\r\n")) != b"\r\n":
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        await self.reader.readexactly(length)
-        return status
-
-
 async def _publish(
     args: argparse.Namespace, server: benchlib.Server, users: list[str], run: LatencyRun
 ) -> list[float]:
@@ -86,15 +67,10 @@ async def _publish(
     total = int(args.rate * args.seconds)
     answers: list[float] = []
     redis_client = None
-    pool: asyncio.Queue[_Http] = asyncio.Queue()
-    head = (
-        f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {server.api_key}"
-        "\r\nContent-Type: application/json\r\nContent-Length: "
-    ).encode()
+    pool: asyncio.Queue[benchlib.Poster] = asyncio.Queue()
     if run.mode == "http":
         for _ in range(args.publishers):
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            pool.put_nowait(_Http(reader, writer))
+            pool.put_nowait(await benchlib.Poster.open(server.port, server.api_key))
     else:
         import redis.asyncio as aioredis
 
@@ -114,7 +90,7 @@ async def _publish(
             else:
                 conn = await pool.get()
                 try:
-                    status = await conn.post(head, body)
+                    status, _ = await conn.post(body)
                 finally:
                     pool.put_nowait(conn)
                 if status != 201:
@@ -143,8 +119,7 @@ async def _publish(
     if last_answer:
         run.achieved_rate = total / (last_answer - t0)
     while not pool.empty():
-        conn = pool.get_nowait()
-        conn.writer.close()
+        pool.get_nowait().close()
     if redis_client is not None:
         await redis_client.aclose()
     return answers

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import and_, bindparam, event, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -118,9 +118,9 @@ class Recorded:
     event: StoredEvent | None
 
 
-@dataclass(frozen=True, slots=True)
-class Cursor:
-    """A forward move of one device's cursors (0 means: leave as is)."""
+class Cursor(NamedTuple):
+    """A forward move of one device's cursors (0 means: leave as is). A named tuple: a
+    flush makes one per device moved, thousands every 50 ms under load."""
 
     user: str
     device: str

@@ -53,6 +53,11 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
 
+try:  # the websockets library's unmasking, in C when its extension is built
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover
+    from websockets.utils import apply_mask
+
 from channels.limits import SCOPE_KEY, TokenBucket
 
 FAST_KEY = "courier.fast_send"
@@ -270,6 +275,8 @@ class CourierWebSocketProtocol(WebSocketsSansIOProtocol):
         self._limits = limits()
         self._budget = TokenBucket(self._limits.ping_rate, self._limits.ping_burst)
         self.on_text: Callable[[bytes], bool] | None = None
+        self._raw = False  # every byte goes to the websockets parser (see data_received)
+        self._partial = b""  # the start of a frame whose end has not arrived
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -301,9 +308,73 @@ class CourierWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            super().data_received(data)
+            if self.on_text is None or self._raw:
+                started = self.handshake_initiated
+                super().data_received(data)
+                if started or (self.handshake_initiated and not data.endswith(b"\r\n\r\n")):
+                    # Frames went to the parser before the app took over: it may be in
+                    # the middle of one, so this connection keeps the parser's path.
+                    self._raw = True
+                return
+            self._frames_received(data)
         except Exception as exc:  # a peer's bytes must never raise into the event loop
             self._drop("protocol_error", f"{type(exc).__name__}: {exc}")
+
+    def _frames_received(self, data: bytes) -> None:
+        """Split ``data`` into whole frames. Small masked text frames (an ack is 20-odd
+        bytes) are unmasked here and offered to ``on_text``; every other frame, and one
+        ``on_text`` declines, goes to the websockets parser, whole and in order. So the
+        parser is always between frames, and the common small frame costs a header check
+        and an unmask instead of the parser's generators. A partial frame waits for the
+        rest of its bytes; a frame longer than the size limit switches the connection to
+        the parser's path (which refuses it with 1009)."""
+        buf = self._partial + data if self._partial else data
+        n, pos, fed = len(buf), 0, 0
+        limit = self.conn.max_message_size
+        while n - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            length, head = b1 & 0x7F, 2
+            if length == 126:
+                if n - pos < 4:
+                    break
+                length, head = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
+            elif length == 127:
+                if n - pos < 10:
+                    break
+                length, head = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
+            if b1 & 0x80:
+                head += 4
+            if limit is not None and length > limit:
+                self._raw = True
+                self._partial = b""
+                super().data_received(buf[fed:])
+                return
+            end = pos + head + length
+            if end > n:
+                break
+            if b0 == 0x81 and head == 6 and self._fast_frames_ok():
+                if fed < pos:
+                    super().data_received(buf[fed:pos])  # the frames before it, first
+                    fed = pos
+                if self._fast_frames_ok():
+                    assert self.on_text is not None
+                    if self.on_text(apply_mask(buf[pos + 6 : end], buf[pos + 2 : pos + 6])):
+                        fed = end
+            pos = end
+        if fed < pos:
+            super().data_received(buf[fed:pos])
+        self._partial = buf[pos:]
+
+    def _fast_frames_ok(self) -> bool:
+        conn = self.conn
+        return (
+            self.on_text is not None
+            and conn.state is State.OPEN
+            and not self.close_sent
+            and conn.current_size is None  # not inside a fragmented message
+            and not self.frames
+            and not conn.extensions
+        )
 
     def _drop(self, reason: str, detail: str) -> None:
         log.warning("%s dropped (%s): %s", _peer(self.client), reason, detail)

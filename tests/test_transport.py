@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -18,7 +18,7 @@ import pytest
 
 from models.ledger import migrate
 from tests.conftest import assert_graceful_stop
-from tests.harness import API_KEY, OPS_TOKEN, Device, ServerProcess, token, unique
+from tests.harness import API_KEY, OPS_TOKEN, Device, ServerProcess, token, unique, until
 
 pytestmark = pytest.mark.e2e
 
@@ -177,6 +177,77 @@ async def test_text_that_is_not_utf8_closes_1007_even_with_a_close_in_the_same_w
         close = answer[answer.rindex(b"\x88") :]
         code = int.from_bytes(close[2:4], "big")
         assert code == (1007 if not tail else 1000), answer
+
+
+def _masked(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """A client frame with a random mask, of any length up to 64 KiB."""
+    mask = os.urandom(4)
+    n = len(payload)
+    size = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([(0x80 if fin else 0) | opcode]) + size + mask + body
+
+
+async def _server_frames(
+    reader: asyncio.StreamReader, done: Callable[[list[bytes]], bool]
+) -> list[bytes]:
+    """Read unmasked server frames (text payloads; b"<pong>" for a WebSocket pong) until
+    ``done`` says the frames read so far are enough."""
+    seen: list[bytes] = []
+    async with asyncio.timeout(10):
+        while not done(seen):
+            b0, b1 = await reader.readexactly(2)
+            n = b1 & 0x7F
+            if n == 126:
+                n = int.from_bytes(await reader.readexactly(2), "big")
+            payload = await reader.readexactly(n)
+            seen.append(b"<pong>" if b0 & 0x0F == 0xA else payload)
+    return seen
+
+
+async def test_small_frames_read_by_the_transport_keep_order_across_any_split(
+    edge: ServerProcess,
+) -> None:
+    """Acks are read by the transport itself (small masked text frames); frames around
+    them, split across reads, fragmented, or longer, still take the websockets parser."""
+    user = unique()
+    for _ in range(4):
+        await edge.publish(user)
+    reader, writer = await _open(edge)
+    writer.write(_upgrade(token(user, "raw")))
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    first = await _server_frames(reader, lambda seen: any(b'"seq":4,' in f for f in seen))
+    assert [f[:8] for f in first] == [b'{"type":'] * 5  # hello and the 4 events
+
+    def ack(seq: int) -> bytes:
+        return b'{"type":"ack","seq":%d}' % seq
+
+    padded = b'{"type":"ping","pad":"' + b"x" * 200 + b'"}'  # a 2-byte length field
+    writer.write(
+        _masked(0x1, ack(1))
+        + _masked(0x9, b"p1")  # a WebSocket ping between two acks
+        + _masked(0x1, ack(2)[:9], fin=False)  # an ack in two fragments
+        + _masked(0x0, ack(2)[9:])
+        + _masked(0x1, padded)
+    )
+    for byte in _masked(0x1, ack(3)) + _masked(0x1, b'{"type":"ping"}'):  # a byte per write
+        writer.write(bytes([byte]))
+        await writer.drain()
+    seen = await _server_frames(
+        reader, lambda seen: b"<pong>" in seen and seen.count(b'{"type":"pong"}') == 2
+    )
+    assert not [f for f in seen if b'"error"' in f], seen
+
+    async def acked(seq: int) -> bool:
+        devices = (await edge.get(f"/v1/users/{user}/devices")).json()["devices"]
+        return [d["acked_seq"] for d in devices] == [seq]
+
+    await until(lambda: acked(3))
+    writer.write(_masked(0x1, ack(4)) + _masked(0x8, b"\x03\xe8"))
+    answer = await _read_all(reader, timeout=5)
+    writer.close()
+    assert answer.endswith(b"\x88\x02\x03\xe8")  # the close, answered
+    await until(lambda: acked(4))
 
 
 async def test_no_secret_reaches_the_log(edge: ServerProcess) -> None:
