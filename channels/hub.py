@@ -14,10 +14,14 @@ class Hub:
     def __init__(self) -> None:
         self._by_user: dict[str, dict[str, Client]] = {}
         self._by_device: dict[tuple[str, str], Client] = {}
+        self._count = 0  # kept, not summed: every handshake reads it (the connection cap)
 
     def add(self, client: Client) -> Client | None:
         """Register ``client``; answers the connection of the same device it displaces."""
-        self._by_user.setdefault(client.user, {})[client.conn_id] = client
+        conns = self._by_user.setdefault(client.user, {})
+        if client.conn_id not in conns:
+            self._count += 1
+        conns[client.conn_id] = client
         key = (client.user, client.device)
         previous = self._by_device.get(key)
         self._by_device[key] = client
@@ -28,6 +32,7 @@ class Hub:
         conns = self._by_user.get(client.user)
         if conns is None or conns.pop(client.conn_id, None) is None:
             return False
+        self._count -= 1
         key = (client.user, client.device)
         if self._by_device.get(key) is client:
             del self._by_device[key]
@@ -51,7 +56,7 @@ class Hub:
             yield from list(conns.values())
 
     def __len__(self) -> int:
-        return sum(len(c) for c in self._by_user.values())
+        return self._count
 
     @property
     def connections(self) -> int:

@@ -90,9 +90,11 @@ async def test_hub_registry_and_device_replacement() -> None:
     assert hub.device("a", "p1") is a1b
     assert set(hub.clients("a")) == {a1, a2, a1b}
     assert len(hub) == 3
+    assert hub.add(a1b) is a1b and len(hub) == 3  # added again: still counted once
     assert hub.remove(a1)
     assert hub.device("a", "p1") is a1b  # removing the replaced one keeps the new mapping
     assert not hub.remove(a1)
+    assert len(hub) == 2 == len(list(hub.all()))
     assert hub.remove(a2) and hub.remove(a1b)
     assert hub.users() == [] and len(hub) == 0
     assert hub.clients("a") == ()
