@@ -390,3 +390,12 @@ async def _sent_cursors(node: Node, ledger: Ledger) -> None:
     node.disconnect(client)  # a connection that ends hands its sent cursor over at once
     await node.flush_cursors(include_sent=False)
     assert await sent() == {"d": 4}
+
+
+def test_cursor_writes_space_out_only_under_many_moving_devices() -> None:
+    from channels.node import FLUSH_BUSY, FLUSH_STRETCH, flush_pause
+
+    assert flush_pause(0.05, 0) == 0.05
+    assert flush_pause(0.05, FLUSH_BUSY) == 0.05
+    assert flush_pause(0.05, 2 * FLUSH_BUSY) == 0.1
+    assert flush_pause(0.05, 1_000_000) == 0.05 * FLUSH_STRETCH
