@@ -24,7 +24,7 @@ def iso_ms(ms: int) -> str:
 
 
 def event_frame(ev: StoredEvent) -> str:
-    """The ``event`` frame of PROTOCOL.md (plus ``device``, the target or null)."""
+    """The ``event`` frame of docs/protocol.md (``device``: the target, or null for all)."""
     return msgspec.json.encode(
         {
             "type": "event",
