@@ -352,14 +352,17 @@ class CourierWebSocketProtocol(WebSocketsSansIOProtocol):
             end = pos + head + length
             if end > n:
                 break
-            if b0 == 0x81 and head == 6 and self._fast_frames_ok():
+            if b0 == 0x81 and head == 6:  # whole, unfragmented, masked, under 126 bytes
                 if fed < pos:
                     super().data_received(buf[fed:pos])  # the frames before it, first
                     fed = pos
-                if self._fast_frames_ok():
-                    assert self.on_text is not None
-                    if self.on_text(apply_mask(buf[pos + 6 : end], buf[pos + 2 : pos + 6])):
-                        fed = end
+                on_text = self.on_text
+                if (
+                    on_text is not None
+                    and self._fast_frames_ok()
+                    and on_text(apply_mask(buf[pos + 6 : end], buf[pos + 2 : pos + 6]))
+                ):
+                    fed = end
             pos = end
         if fed < pos:
             super().data_received(buf[fed:pos])
@@ -368,8 +371,7 @@ class CourierWebSocketProtocol(WebSocketsSansIOProtocol):
     def _fast_frames_ok(self) -> bool:
         conn = self.conn
         return (
-            self.on_text is not None
-            and conn.state is State.OPEN
+            conn.state is State.OPEN
             and not self.close_sent
             and conn.current_size is None  # not inside a fragmented message
             and not self.frames
