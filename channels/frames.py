@@ -24,7 +24,9 @@ def iso_ms(ms: int) -> str:
 
 
 def event_frame(ev: StoredEvent) -> str:
-    """The ``event`` frame of docs/protocol.md (``device``: the target, or null for all)."""
+    """The ``event`` frame of docs/protocol.md (``device``: the target, or null for all;
+    ``collapse``: the event's collapse key, or null: a keyed event is a snapshot that a
+    newer one of its key replaces)."""
     return msgspec.json.encode(
         {
             "type": "event",
@@ -35,6 +37,7 @@ def event_frame(ev: StoredEvent) -> str:
             "created_at": iso_ms(ev.created_at),
             "expires_at": None if ev.expires_at is None else iso_ms(ev.expires_at),
             "device": ev.device,
+            "collapse": ev.collapse,
         }
     ).decode()
 
@@ -156,10 +159,17 @@ def decode_bus(payload: bytes) -> Delivery | Replace | Evict:
 
 
 class InFrame(msgspec.Struct):
-    """A frame from a device: ``{"type": "ack", "seq": N}`` or ``{"type": "ping"}``."""
+    """A frame from a device: ``{"type": "ack", "seq": N}``, ``{"type": "ping"}`` or
+    ``{"type": "auth", "token": "<JWT>"}``."""
 
     type: str
     seq: int | None = None
+    token: str | None = None
+
+
+def auth_ok_frame(expires_at: float) -> str:
+    """The answer to an accepted in-band token refresh: the connection's new expiry."""
+    return msgspec.json.encode({"type": "auth_ok", "exp": int(expires_at)}).decode()
 
 
 in_frame_decoder = msgspec.json.Decoder(InFrame)

@@ -30,7 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from models.tables import devices, events, streams
+from models.tables import devices, events, skipped, streams
 
 log = logging.getLogger("courier.ledger")
 
@@ -239,6 +239,13 @@ _PG_BACKFILL = text(
     " AND events.superseded_by IS NULL"
     " ORDER BY events.seq LIMIT :lim) AS e"
     " ORDER BY r.i, e.seq"
+)
+_PG_SKIPPED = text(  # the superseded events each backfill of _PG_BACKFILL passes over
+    "SELECT r.u, r.d, e.seq, e.created_at"
+    " FROM unnest(CAST(:users AS text[]), CAST(:devices AS text[]),"
+    " CAST(:afters AS bigint[]), CAST(:heads AS bigint[])) AS r(u, d, after, head)"
+    " JOIN events e ON e.user_id = r.u AND e.seq > r.after AND e.seq <= r.head"
+    " AND (e.device_id IS NULL OR e.device_id = r.d) AND e.superseded_by IS NOT NULL"
 )
 _PG_LOCK_USERS = text(
     "SELECT pg_advisory_xact_lock(hashtext('courier.devices:' || u))"
@@ -544,6 +551,8 @@ class Ledger:
                     result = await conn.execute(_PG_BACKFILL, params | {"now": now, "lim": limit})
                     for row in result:
                         pages[row[0]].append(StoredEvent(*row[1:]))
+                    passed = await conn.execute(_PG_SKIPPED, params)
+                    await self._note_skipped(conn, passed)
             else:
                 for i, user, device, after, head in due:
                     stmt = (
@@ -560,7 +569,24 @@ class Ledger:
                         .limit(limit)
                     )
                     pages[i] = [_stored(r) for r in await conn.execute(stmt)]
+                    passed = await conn.execute(
+                        select(events.c.seq, events.c.created_at).where(
+                            events.c.user_id == user,
+                            events.c.seq > after,
+                            events.c.seq <= head,
+                            or_(events.c.device_id.is_(None), events.c.device_id == device),
+                            events.c.superseded_by.is_not(None),
+                        )
+                    )
+                    await self._note_skipped(conn, [(user, device, *r) for r in passed])
         return [(pages[i], max(heads.get(u, 0), 0)) for i, (u, _, _) in enumerate(wanted)]
+
+    async def _note_skipped(self, conn: AsyncConnection, passed: Iterable[Any]) -> None:
+        """Record ``(user, device, seq, created_at)`` rows of superseded events that a
+        backfill passed: the device will never get them (for their delivery status)."""
+        rows = [{"user_id": u, "device_id": d, "seq": q, "created_at": c} for u, d, q, c in passed]
+        if rows:
+            await conn.execute(self._insert()(skipped).on_conflict_do_nothing(), rows)
 
     async def heads(self, users: Sequence[str]) -> dict[str, int]:
         """The current head seq of each user (users with no events are absent)."""
@@ -768,6 +794,13 @@ class Ledger:
             ).first()
         return None if row is None else _stored(row)
 
+    async def skipped_devices(self, user: str, seq: int) -> set[str]:
+        """The devices whose backfill passed event ``seq`` of ``user`` because it had been
+        superseded: they never got it."""
+        stmt = select(skipped.c.device_id).where(skipped.c.user_id == user, skipped.c.seq == seq)
+        async with self._tx() as conn:
+            return {r[0] for r in await conn.execute(stmt)}
+
     async def devices(self, user: str) -> list[DeviceState]:
         stmt = (
             select(
@@ -811,6 +844,7 @@ class Ledger:
                 .values(pruned_seq=func.greatest(streams.c.pruned_seq, bindparam("seq"))),
                 gone,
             )
+            await conn.execute(skipped.delete().where(skipped.c.created_at < before))
             result = await conn.execute(events.delete().where(events.c.created_at < before))
             return int(getattr(result, "rowcount", 0) or 0)
 
@@ -819,17 +853,20 @@ class Ledger:
             return int((await conn.execute(select(func.count()).select_from(events))).scalar_one())
 
 
-def delivery_status(ev: StoredEvent, dev: DeviceState, now: int) -> str:
+def delivery_status(ev: StoredEvent, dev: DeviceState, now: int, skipped: bool = False) -> str:
     """One device's state of one event, derived from the device's cursors.
 
-    * ``acked``: the device's acked cursor is past the event (it processed it, or
-      caught up past it while it was expired or superseded);
-    * ``expired``: the event expired before the device acknowledged it;
     * ``superseded``: a newer event of its collapse key replaced it before the device
+      got it (``skipped``: the device's backfill passed over it), or before the device
       acknowledged it;
+    * ``acked``: the device's acked cursor is past the event (it processed it, or
+      caught up past it while it was expired);
+    * ``expired``: the event expired before the device acknowledged it;
     * ``sent``: written to the device, not acknowledged yet;
     * ``pending``: not written to the device yet (it is offline or catching up).
     """
+    if skipped:
+        return "superseded"
     if dev.acked_seq >= ev.seq:
         return "acked"
     if ev.expires_at is not None and ev.expires_at <= now:

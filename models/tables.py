@@ -54,3 +54,17 @@ devices = Table(
     Column("last_seen", BigInteger, nullable=False),
     Index("devices_last_seen_idx", "last_seen"),
 )
+
+# Superseded events that a device never received. Backfill skips superseded events, so a
+# device's cursors pass them without their being sent; each backfill records the ones it
+# passed over here, for their delivery status. ``created_at`` is the event's, so
+# retention deletes these rows with their events.
+skipped = Table(
+    "skipped",
+    metadata,
+    Column("user_id", String(128), primary_key=True),
+    Column("device_id", String(128), primary_key=True),
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("created_at", BigInteger, nullable=False),
+    Index("skipped_created_at_idx", "created_at"),
+)

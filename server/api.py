@@ -237,6 +237,7 @@ async def event_state(request: Request) -> Response:
         if ev is None:
             return error_response(404, "not_found", f"no event with id {event_id!r}", "id")
         devices = await svc.node.ledger.devices(ev.user)
+        skipped = await svc.node.ledger.skipped_devices(ev.user, ev.seq) if ev.collapse else set()
     except LedgerUnavailable as exc:
         return unavailable(exc)
     now = now_ms()
@@ -253,7 +254,7 @@ async def event_state(request: Request) -> Response:
             "collapse": ev.collapse,
             "superseded_by": ev.superseded_by,
             "deliveries": [
-                {"device": d.device, "status": delivery_status(ev, d, now)}
+                {"device": d.device, "status": delivery_status(ev, d, now, d.device in skipped)}
                 for d in devices
                 if ev.device is None or d.device == ev.device
             ],

@@ -19,15 +19,16 @@ from channels.disconnect import (
     INTERNAL,
     RATE_LIMITED,
     TOKEN_EXPIRED,
+    TOKEN_REFUSED,
     TRY_AGAIN,
     Disconnect,
     code_label,
 )
-from channels.frames import PONG, error_frame, in_frame_decoder
+from channels.frames import PONG, auth_ok_frame, error_frame, in_frame_decoder
 from channels.limits import SCOPE_KEY, TokenBucket
 from channels.node import DeviceRefused, Node
 from models.ledger import LedgerUnavailable
-from server.auth import AuthError, bearer
+from server.auth import Auth, AuthError, DeviceIdentity, bearer
 from server.guard import Refusal
 from server.services import services_of
 from server.transport import FAST_KEY
@@ -132,14 +133,11 @@ async def device_socket(websocket: WebSocket) -> None:
         node.disconnect(client)
         raise
 
-    loop = asyncio.get_running_loop()
-    expiry = loop.call_later(
-        max(0.0, identity.expires_at - time.time()), client.close, TOKEN_EXPIRED
-    )
+    expiry = _Expiry(svc.auth, identity, client)
     if fast is not None:
         fast.on_text = functools.partial(node.ack_frame, client)  # acks never reach _read
     writer = client.writer_task = asyncio.create_task(client.run_writer())
-    reader = asyncio.create_task(_read(websocket, client, node))
+    reader = asyncio.create_task(_read(websocket, client, node, expiry))
     peer_code: int | None = None
     try:
         done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
@@ -167,11 +165,55 @@ async def device_socket(websocket: WebSocket) -> None:
         metrics.disconnects.labels(code_label(code)).inc()
 
 
+class _Expiry:
+    """A connection's token expiry: closes it with 4001 when the token expires, unless the
+    device sent a fresh token of the same identity in band (``auth``) before then."""
+
+    __slots__ = ("_auth", "_client", "_identity", "_timer")
+
+    def __init__(self, auth: Auth, identity: DeviceIdentity, client: Client) -> None:
+        self._auth = auth
+        self._identity = identity
+        self._client = client
+        self._timer = self._arm(identity.expires_at)
+
+    def _arm(self, expires_at: float) -> asyncio.TimerHandle:
+        delay = max(0.0, expires_at - time.time())
+        return asyncio.get_running_loop().call_later(delay, self._client.close, TOKEN_EXPIRED)
+
+    def refresh(self, token: str | None) -> None:
+        """Check an in-band token: ``auth_ok`` and a moved expiry, or a close with 4001."""
+        client = self._client
+        try:
+            fresh = self._auth.verify_device_token(token)
+        except AuthError as exc:
+            log.info("token refresh of %s/%s refused: %s", client.user, client.device, exc.code)
+            client.close(TOKEN_REFUSED)
+            return
+        if (fresh.user, fresh.device) != (self._identity.user, self._identity.device):
+            log.info(
+                "token refresh of %s/%s refused: the token is for %s/%s",
+                client.user,
+                client.device,
+                fresh.user,
+                fresh.device,
+            )
+            client.close(TOKEN_REFUSED)
+            return
+        self._timer.cancel()
+        self._identity = fresh
+        self._timer = self._arm(fresh.expires_at)
+        client.send(auth_ok_frame(fresh.expires_at))
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
 def _code(disconnect: Disconnect | None) -> int:
     return 1006 if disconnect is None else disconnect.code
 
 
-async def _read(websocket: WebSocket, client: Client, node: Node) -> int | None:
+async def _read(websocket: WebSocket, client: Client, node: Node, expiry: _Expiry) -> int | None:
     """Handle frames from the device. Answers the peer's close code.
 
     Once the server decided to close, frames are still read (and dropped) until the
@@ -213,6 +255,8 @@ async def _read(websocket: WebSocket, client: Client, node: Node) -> int | None:
             continue
         elif frame.type == "ping":
             client.send(PONG)
+        elif frame.type == "auth":
+            expiry.refresh(frame.token)
         elif frame.type == "ack":
             metrics.bad_frames.inc()
             client.send(error_frame("bad_frame", "ack needs a non-negative integer seq"))

@@ -176,6 +176,15 @@ async def test_collapse_delivers_only_the_newest_to_an_offline_device(
         return {d["device"]: d["status"] for d in body["deliveries"]}
 
     await until(lambda: _equals(newest(), {"online": "sent", "offline": "sent"}))
+    # Both ack past the first plan: only the device that got it reads acked.
+    await online.ack(plans[2]["seq"])
+    await offline.ack(marker["seq"])
+
+    async def first() -> dict[str, str]:
+        body = (await server.get(f"/v1/events/{plans[0]['id']}")).json()
+        return {d["device"]: d["status"] for d in body["deliveries"]}
+
+    await until(lambda: _equals(first(), {"online": "acked", "offline": "superseded"}))
     await online.close()
     await offline.close()
 
@@ -355,6 +364,35 @@ async def test_token_expiring_during_the_connection_closes_4001(server: ServerPr
     user = unique()
     phone = await Device.connect(server, user, "p", tok=token(user, "p", ttl=1.5))
     assert await phone.closed_with(timeout=10) == 4001
+
+
+async def test_a_token_refreshed_in_band_keeps_the_connection_open(server: ServerProcess) -> None:
+    user = unique()
+    phone = await Device.connect(server, user, "p", tok=token(user, "p", ttl=1.5))
+    await phone.send({"type": "auth", "token": token(user, "p", ttl=600)})
+    answer = await phone.frame()
+    assert answer["type"] == "auth_ok" and answer["exp"] >= time.time() + 590
+    await asyncio.sleep(2.0)  # the subject of this test is the passage of the first expiry
+    published = await server.publish(user, collapse="plan")
+    event = await phone.event()
+    assert (event["seq"], event["collapse"], event["device"]) == (published["seq"], "plan", None)
+    await phone.close()
+
+
+@pytest.mark.parametrize("case", ["other_device", "other_user", "garbage", "expired", "missing"])
+async def test_a_refused_in_band_token_closes_4001(server: ServerProcess, case: str) -> None:
+    user = unique()
+    phone = await Device.connect(server, user, "p")
+    fresh = {
+        "other_device": token(user, "q"),
+        "other_user": token(unique(), "p"),
+        "garbage": "not-a-jwt",
+        "expired": token(user, "p", ttl=-10),
+        "missing": None,
+    }[case]
+    await phone.send({"type": "auth", "token": fresh} if fresh else {"type": "auth"})
+    assert await phone.closed_with() == 4001
+    assert f"token refresh of {user}/p refused" in server.log()
 
 
 async def test_publish_validation_names_the_field(server: ServerProcess) -> None:

@@ -151,6 +151,37 @@ async def test_delivery_status_per_device(ledger: Ledger) -> None:
     assert await ledger.get_event(unique()) is None
 
 
+async def test_superseded_events_a_device_never_got_stay_superseded(ledger: Ledger) -> None:
+    user = unique()
+    [first] = await ledger.record([ev(user, collapse="plan")], now=1000)
+    for device in ("online", "away", "phone"):
+        await ledger.touch_device(user, device, now=1001)
+    # "online" was sent the first plan live; the others reconnect after it is superseded.
+    await ledger.flush_cursors([Cursor(user, "online", 0, first.seq, 1002)])
+    await ledger.record([ev(user, collapse="plan", device="phone")], now=1500)  # other key
+    [newer] = await ledger.record([ev(user, collapse="plan")], now=2000)
+    many = await ledger.backfill_many(
+        [(user, "away", 0), (user, "phone", 0), (user, "online", first.seq)], 100, now=3000
+    )
+    assert [[r.seq for r in page] for page, _ in many] == [[3], [2, 3], [3]]
+    assert await ledger.skipped_devices(user, first.seq) == {"away", "phone"}
+    assert await ledger.skipped_devices(user, newer.seq) == set()
+    await ledger.backfill(user, "away", 0, 100, now=3000)  # again: recorded once
+    stored = await ledger.get_event(first.id)
+    assert stored is not None and stored.superseded_by == newer.seq
+    # Every device acks past it: only the one that got it reads acked.
+    moves = [Cursor(user, d, newer.seq, newer.seq, 4000) for d in ("online", "away", "phone")]
+    await ledger.flush_cursors(moves)
+    skipped = await ledger.skipped_devices(user, first.seq)
+    status = {
+        d.device: delivery_status(stored, d, 5000, d.device in skipped)
+        for d in await ledger.devices(user)
+    }
+    assert status == {"online": "acked", "away": "superseded", "phone": "superseded"}
+    await ledger.prune(before=10**13)
+    assert await ledger.skipped_devices(user, first.seq) == set()
+
+
 async def test_prune_removes_only_old_events_and_keeps_the_pruned_seq(ledger: Ledger) -> None:
     user, other = unique(), unique()
     await ledger.record([ev(user), ev(user), ev(other)], now=1)
