@@ -30,7 +30,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
@@ -62,9 +62,29 @@ blocking one, so a burst waits up to the command timeout for a connection instea
 failing with ``MaxConnectionsError`` (redis-py's default pool fails past 100)."""
 
 
+def tls_options(url: str, verify: str = "full", ca_cert: str | None = None) -> dict[str, Any]:
+    """redis-py's TLS options for ``url`` (none unless it is ``rediss://``).
+
+    ``verify``: ``full`` checks the certificate chain and the host name (the default),
+    ``ca`` the chain only, ``none`` nothing (Heroku Redis serves a self-signed
+    certificate). ``ca_cert``: a PEM certificate to trust, its text or its path.
+    """
+    if not url.startswith("rediss://"):
+        return {}
+    options: dict[str, Any] = {
+        "ssl_cert_reqs": "none" if verify == "none" else "required",
+        "ssl_check_hostname": verify == "full",
+    }
+    if ca_cert is not None:
+        key = "ssl_ca_data" if "-----BEGIN CERTIFICATE-----" in ca_cert else "ssl_ca_certs"
+        options[key] = ca_cert
+    return options
+
+
 def redis_client(
     url: str,
     *,
+    tls: Mapping[str, Any] | None = None,
     name: str | None = None,
     timeout: float = 5.0,
     health_check_seconds: float = 15.0,
@@ -86,6 +106,7 @@ def redis_client(
         health_check_interval=health_check_seconds,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries),
         client_name=name,
+        **(tls or {}),
     )
     return Redis.from_pool(pool)  # the client owns its pool: aclose() closes both
 
@@ -101,6 +122,7 @@ class RedisBroker:
         self,
         url: str,
         *,
+        tls: Mapping[str, Any] | None = None,
         name: str = "courier",
         subscribe_timeout: float = 5.0,
         connect_timeout: float = 5.0,
@@ -113,7 +135,7 @@ class RedisBroker:
         self.connect_timeout = connect_timeout
         self.health_check_seconds = health_check_seconds
         self.batch_size = batch_size
-        self.client = redis_client(url, name=f"{name}:pub", timeout=connect_timeout)
+        self.client = redis_client(url, tls=tls, name=f"{name}:pub", timeout=connect_timeout)
         self._pool = ConnectionPool.from_url(
             url,
             socket_connect_timeout=connect_timeout,
@@ -122,6 +144,7 @@ class RedisBroker:
             retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 0),
             client_name=f"{name}:bus",
             protocol=2,  # pub/sub replies as plain arrays, read by this module itself
+            **(tls or {}),
         )
         self.desired: set[str] = set()
         """Channels this process wants; re-subscribed after every reconnect."""

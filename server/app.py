@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -69,12 +70,22 @@ def _safe(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+def redis_tls(settings: Settings) -> dict[str, Any]:
+    """The TLS options of the configured ``rediss://`` Redis (none for ``redis://``)."""
+    from channels.redis import tls_options
+
+    assert settings.redis_url is not None
+    return tls_options(settings.redis_url, settings.redis_tls_verify, settings.redis_ca_cert)
+
+
 def build_broker(settings: Settings) -> Broker:
     if settings.redis_url is None:
         return MemoryBroker()
     from channels.redis import RedisBroker
 
-    return RedisBroker(settings.redis_url, name=f"courier:{settings.node_id}")
+    return RedisBroker(
+        settings.redis_url, tls=redis_tls(settings), name=f"courier:{settings.node_id}"
+    )
 
 
 def build_presence(settings: Settings, node: Node) -> Presence:
@@ -83,7 +94,11 @@ def build_presence(settings: Settings, node: Node) -> Presence:
     from channels.redis import RedisPresence, redis_client
 
     return RedisPresence(
-        redis_client(settings.redis_url, name=f"courier:{settings.node_id}:presence"),
+        redis_client(
+            settings.redis_url,
+            tls=redis_tls(settings),
+            name=f"courier:{settings.node_id}:presence",
+        ),
         settings.node_id,
         node.hub,
         interval=settings.presence_seconds,
@@ -118,7 +133,12 @@ async def start_redis_services(
         stops.append(stop_presence)
     # No command retries: a blocking XREADGROUP must never be re-sent blindly (see
     # channels.ingest); after an error the consumer re-reads its own pending entries.
-    client = redis_client(settings.redis_url, name=f"courier:{settings.node_id}:ingest", retries=0)
+    client = redis_client(
+        settings.redis_url,
+        tls=redis_tls(settings),
+        name=f"courier:{settings.node_id}:ingest",
+        retries=0,
+    )
     consumer = StreamConsumer(
         client, node, limits, consumer=settings.node_id, claim_seconds=settings.ingest_claim_seconds
     )

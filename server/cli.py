@@ -1,4 +1,4 @@
-"""``courier``: serve | migrate | token | publish | listen."""
+"""The ``courier`` command: serve, migrate, token, publish, listen, stats, devices."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import random
 import sys
 from typing import Any
 
-from server.settings import Settings, SettingsError
+from server import __version__
+from server.settings import LOG_LEVELS, Settings, SettingsError
 
 log = logging.getLogger("courier.cli")
 
@@ -42,19 +43,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     settings = _settings()
-    if args.workers > 1 and not settings.redis_url:
+    workers: int = args.workers or settings.web_concurrency or 1
+    if workers > 1 and not settings.redis_url:
+        if args.workers:
+            print(
+                "courier: --workers > 1 needs COURIER_REDIS_URL: without Redis each worker would"
+                " be its own island (events published to one would not reach devices on another)",
+                file=sys.stderr,
+            )
+            return 2
+        # Heroku's Python buildpack sets WEB_CONCURRENCY by itself: not a reason to fail.
         print(
-            "courier: --workers > 1 needs COURIER_REDIS_URL: without Redis each worker would be"
-            " its own island (events published to one would not reach devices on another)",
+            f"courier: WEB_CONCURRENCY={workers} ignored: without COURIER_REDIS_URL workers"
+            " cannot share events, so this runs one process",
             file=sys.stderr,
         )
-        return 2
+        workers = 1
+    log_level: str = args.log_level or settings.log_level
     host = args.host or settings.host
     port = args.port or settings.port
     problem = asyncio.run(_preflight(settings))
     if problem:
         print(f"courier: cannot start: {problem}", file=sys.stderr)
         return 1
+    untrusted = asyncio.run(_untrusted_redis(settings))
+    if untrusted:
+        print(f"courier: configuration error: {untrusted}", file=sys.stderr)
+        return 2
     if settings.dev_mode:
         _print_dev_banner(settings, host, port)
     from server.logs import log_config
@@ -63,11 +78,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "asgi:app",
         host=host,
         port=port,
-        workers=args.workers,
+        workers=workers,
         loop="uvloop",
         http=HTTP_PROTOCOL if args.ws == "courier" else "httptools",
         ws=WS_IMPLEMENTATIONS[args.ws],
-        log_config=log_config(args.log_level, settings.log_format),
+        log_config=log_config(log_level, settings.log_format),
         ws_per_message_deflate=settings.ws_per_message_deflate,
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=settings.heartbeat_seconds,
@@ -77,17 +92,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         forwarded_allow_ips=os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1"),
         backlog=4096,
         timeout_graceful_shutdown=int(settings.drain_seconds) + 5,
-        log_level=args.log_level,
+        log_level=log_level,
         access_log=args.access_log,
     )
     server = uvicorn.Server(config)
-    if args.workers > 1:
+    if workers > 1:
         from uvicorn.supervisors import Multiprocess
 
         Multiprocess(config, sockets=[config.bind_socket()]).run()
     else:
         server.run()
-    return 0 if server.started or args.workers > 1 else 1
+    return 0 if server.started or workers > 1 else 1
 
 
 async def _preflight(settings: Settings) -> str | None:
@@ -102,6 +117,36 @@ async def _preflight(settings: Settings) -> str | None:
         return str(exc)
     finally:
         await ledger.close()
+    return None
+
+
+async def _untrusted_redis(settings: Settings) -> str | None:
+    """A ``rediss://`` Redis whose certificate fails verification: a configuration error,
+    not an outage, so the server does not start and retry it forever. Any other Redis
+    fault is left to the server, which starts and keeps retrying."""
+    if not (settings.redis_url or "").startswith("rediss://"):
+        return None
+    import ssl
+
+    from channels.redis import redis_client
+    from server.app import redis_tls
+
+    client = redis_client(settings.redis_url or "", tls=redis_tls(settings), retries=0)
+    try:
+        await client.ping()
+    except Exception as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            return (
+                f"the Redis certificate was not trusted ({cause.verify_message}): set"
+                " COURIER_REDIS_CA_CERT to the certificate to trust, or"
+                " COURIER_REDIS_TLS_VERIFY=none for a provider with self-signed certificates"
+                " (Heroku Redis)"
+            )
+    finally:
+        await client.aclose()
     return None
 
 
@@ -242,18 +287,81 @@ async def listen(url: str, token: str, after: int | None, count: int | None) -> 
         await asyncio.sleep(delay)
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    settings = _settings()
+    body = _get(settings, args.url, "/v1/stats", args.token or settings.ops_token)
+    if body is None:
+        return 1
+    if args.json:
+        print(json.dumps(body))
+        return 0
+    print(f"node {body['node']}: {body['connections']} connections, {body['users']} users")
+    print(f"cluster: {body['cluster_connections']} connections on {len(body['nodes'])} nodes")
+    for node, count in sorted(body["nodes"].items()):
+        print(f"  {node:<40} {count:>8}")
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    settings = _settings()
+    key = args.key or (settings.api_keys[0] if settings.api_keys else None)
+    body = _get(settings, args.url, f"/v1/users/{args.user}/devices", key)
+    if body is None:
+        return 1
+    if args.json:
+        print(json.dumps(body))
+        return 0
+    print(f"{'device':<24} {'connected':<9} {'acked_seq':>10} {'sent_seq':>10}  last_seen")
+    for d in body["devices"]:
+        print(
+            f"{d['device']:<24} {'yes' if d['connected'] else 'no':<9}"
+            f" {d['acked_seq']:>10} {d['sent_seq']:>10}  {d['last_seen']}"
+        )
+    if not body["devices"]:
+        print(f"(user {args.user} has no devices)")
+    return 0
+
+
+def _get(settings: Settings, url: str | None, path: str, secret: str | None) -> Any:
+    """GET ``path`` of the server as JSON; prints one line and answers None on failure."""
+    import httpx
+
+    target = _base_url(settings, url) + path
+    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+    try:
+        response = httpx.get(target, headers=headers, timeout=10.0)
+    except httpx.HTTPError as exc:
+        print(f"courier: cannot reach {target}: {exc}", file=sys.stderr)
+        return None
+    if response.status_code != 200:
+        print(f"courier: {target}: HTTP {response.status_code} {response.text}", file=sys.stderr)
+        return None
+    return response.json()
+
+
+_URL_HELP = "server URL (default: COURIER_URL, else http://127.0.0.1:PORT)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="courier", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="courier",
+        description="Courier: a real-time WebSocket notification server.",
+        epilog="Configuration comes from COURIER_* environment variables (docs/deployment.md).",
+    )
+    parser.add_argument("--version", action="version", version=f"courier {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the server (uvicorn)")
     p.add_argument("--host", default=None, help="listen address (COURIER_HOST, default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="listen port (PORT / COURIER_PORT)")
+    p.add_argument(
+        "--port", type=int, default=None, help="listen port (COURIER_PORT, else PORT, else 8000)"
+    )
     p.add_argument(
         "--workers",
         type=int,
-        default=int(os.environ.get("WEB_CONCURRENCY", "1")),
-        help="worker processes (needs COURIER_REDIS_URL when > 1)",
+        default=None,
+        help="worker processes (default: WEB_CONCURRENCY, else 1); more than one needs"
+        " COURIER_REDIS_URL",
     )
     p.add_argument(
         "--ws",
@@ -264,41 +372,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--log-level",
-        default=os.environ.get("COURIER_LOG_LEVEL", "info"),
-        choices=("critical", "error", "warning", "info", "debug"),
+        default=None,
+        choices=LOG_LEVELS,
+        help="log level (default: COURIER_LOG_LEVEL, else info)",
     )
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("migrate", help="bring the ledger schema up to date (Alembic)")
-    p.add_argument("--revision", default="head")
+    p.add_argument("--revision", default="head", help="schema revision (default: head)")
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("token", help="mint a device token (needs the HS256 secret)")
-    p.add_argument("--user", required=True)
-    p.add_argument("--device", required=True)
+    p.add_argument("--user", required=True, help="the user id (JWT sub)")
+    p.add_argument("--device", required=True, help="the device id (JWT did)")
     p.add_argument("--ttl", type=int, default=24 * 3600, help="seconds (default one day)")
     p.set_defaults(func=cmd_token)
 
     p = sub.add_parser("publish", help="publish one event over the HTTP API")
-    p.add_argument("--user", required=True)
-    p.add_argument("--kind", required=True)
-    p.add_argument("--data", default="{}", help="JSON object")
+    p.add_argument("--user", required=True, help="the user the event is for")
+    p.add_argument("--kind", required=True, help="event kind, e.g. block.grabbed")
+    p.add_argument("--data", default="{}", help="the payload, a JSON object (default {})")
     p.add_argument("--id", default=None, help="idempotency key (default: generated)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--ttl", type=int, default=None)
-    p.add_argument("--collapse", default=None)
-    p.add_argument("--url", default=None, help="server URL (COURIER_URL, default local)")
+    p.add_argument("--device", default=None, help="deliver to this device only")
+    p.add_argument("--ttl", type=int, default=None, help="seconds until it expires (default never)")
+    p.add_argument(
+        "--collapse", default=None, help="collapse key: a newer event of the key replaces it"
+    )
+    p.add_argument("--url", default=None, help=_URL_HELP)
     p.add_argument("--key", default=None, help="publisher key (default: first of COURIER_API_KEYS)")
-    p.add_argument("--retries", type=int, default=4)
+    p.add_argument("--retries", type=int, default=4, help="retries on 502/503/504 (default 4)")
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("listen", help="connect as a device, print events and ack them")
-    p.add_argument("--token", required=True)
-    p.add_argument("--url", default=None, help="server URL (COURIER_URL, default local)")
+    p.add_argument("--token", required=True, help="the device token (JWT)")
+    p.add_argument("--url", default=None, help=_URL_HELP)
     p.add_argument("--after", type=int, default=None, help="resume after this seq")
     p.add_argument("--count", type=int, default=None, help="exit after this many events")
     p.set_defaults(func=cmd_listen)
+
+    p = sub.add_parser("stats", help="connections of this node and of the cluster")
+    p.add_argument("--url", default=None, help=_URL_HELP)
+    p.add_argument("--token", default=None, help="ops token (default: COURIER_OPS_TOKEN)")
+    p.add_argument("--json", action="store_true", help="print the JSON answer as it is")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("devices", help="a user's devices: connected, cursors, last seen")
+    p.add_argument("--user", required=True, help="the user id")
+    p.add_argument("--url", default=None, help=_URL_HELP)
+    p.add_argument("--key", default=None, help="publisher key (default: first of COURIER_API_KEYS)")
+    p.add_argument("--json", action="store_true", help="print the JSON answer as it is")
+    p.set_defaults(func=cmd_devices)
     return parser
 
 

@@ -21,6 +21,7 @@ from sqlalchemy.exc import ArgumentError
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///courier.db"
 DEFAULT_DEV_FILE = ".courier-dev.json"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 class SettingsError(ValueError):
@@ -33,6 +34,8 @@ class Settings:
 
     database_url: str = DEFAULT_DATABASE_URL
     redis_url: str | None = None
+    redis_tls_verify: str = "full"
+    redis_ca_cert: str | None = None
     jwt_secret: str | None = None
     jwt_public_key: str | None = None
     api_keys: tuple[str, ...] = ()
@@ -43,7 +46,9 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     log_format: str = "text"
-    node_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
+    log_level: str = "info"
+    web_concurrency: int | None = None
+    node_id: str = field(default_factory=lambda: _node_id(None))
     # Device connections.
     heartbeat_seconds: float = 25.0
     send_queue_size: int = 1024
@@ -100,6 +105,8 @@ class Settings:
                 "COURIER_DATABASE_URL",
             ),
             redis_url=_check_redis_url(r.text("COURIER_REDIS_URL") or r.text("REDIS_URL")),
+            redis_tls_verify=r.choice("COURIER_REDIS_TLS_VERIFY", ("full", "ca", "none"), "full"),
+            redis_ca_cert=_ca_cert(r.text("COURIER_REDIS_CA_CERT")),
             jwt_secret=r.text("COURIER_JWT_SECRET"),
             jwt_public_key=r.text("COURIER_JWT_PUBLIC_KEY"),
             api_keys=tuple(
@@ -111,7 +118,9 @@ class Settings:
             host=r.text("COURIER_HOST") or "127.0.0.1",
             port=r.integer("COURIER_PORT", r.integer("PORT", 8000, 1, 65535), 1, 65535),
             log_format=r.choice("COURIER_LOG_FORMAT", ("text", "json"), "text"),
-            node_id=r.text("COURIER_NODE_ID") or Settings().node_id,
+            log_level=r.choice("COURIER_LOG_LEVEL", LOG_LEVELS, "info"),
+            web_concurrency=r.integer("WEB_CONCURRENCY", 0, 1, 64) or None,
+            node_id=r.text("COURIER_NODE_ID") or _node_id(r.text("DYNO")),
             heartbeat_seconds=r.number("COURIER_HEARTBEAT_SECONDS", 25.0, 1.0, 3600.0),
             send_queue_size=r.integer("COURIER_SEND_QUEUE", 1024, 1, 1_000_000),
             max_frame_bytes=r.integer("COURIER_MAX_FRAME_BYTES", 64 * 1024, 256, 16 * 1024 * 1024),
@@ -229,6 +238,11 @@ def normalize_database_url(raw: str, name: str = "COURIER_DATABASE_URL") -> str:
     if backend in ("postgres", "postgresql"):
         if driver not in ("", "asyncpg"):
             raise SettingsError(f"{name}: PostgreSQL is used through asyncpg, not {driver!r}")
+        if not url.database:
+            raise SettingsError(
+                f"{name}: the PostgreSQL URL names no database"
+                " (postgresql://user:password@host:5432/DATABASE)"
+            )
         url = url.set(drivername="postgresql+asyncpg")
     elif backend == "sqlite":
         if driver not in ("", "aiosqlite"):
@@ -239,6 +253,24 @@ def normalize_database_url(raw: str, name: str = "COURIER_DATABASE_URL") -> str:
     else:
         raise SettingsError(f"{name}: unsupported database {backend!r} (use postgresql or sqlite)")
     return url.render_as_string(hide_password=False)
+
+
+def _node_id(dyno: str | None) -> str:
+    """``web.1-3f9a0c2e`` on Heroku (``DYNO``), else the host name: a readable prefix and a
+    random part, so that each process of a dyno or host (``--workers``) is its own node."""
+    return f"{dyno or socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+
+
+def _ca_cert(raw: str | None) -> str | None:
+    """``COURIER_REDIS_CA_CERT``: a PEM file's path or the PEM text itself."""
+    if raw is None or "-----BEGIN CERTIFICATE-----" in raw:
+        return raw
+    if not Path(raw).is_file():
+        raise SettingsError(
+            "COURIER_REDIS_CA_CERT must be a PEM certificate or the path of one;"
+            f" no file at {raw!r}"
+        )
+    return raw
 
 
 def _origins(raw: str | None) -> tuple[str, ...]:

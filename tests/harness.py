@@ -68,7 +68,7 @@ class ServerProcess:
         workdir: Path,
         redis_url: str | None = None,
         env: dict[str, str] | None = None,
-        workers: int = 1,
+        workers: int | None = 1,
         args: Sequence[str] = (),
         log_level: str = "info",
     ) -> None:
@@ -108,8 +108,7 @@ class ServerProcess:
                 "serve",
                 "--port",
                 str(self.port),
-                "--workers",
-                str(self.workers),
+                *(["--workers", str(self.workers)] if self.workers else []),
                 "--log-level",
                 self.log_level,
                 *self.args,

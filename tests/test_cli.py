@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
 from models.ledger import head_revision
-from tests.harness import API_KEY, JWT_SECRET, OPS_TOKEN, ROOT, ServerProcess, unique
+from server import __version__
+from server.cli import build_parser
+from tests.harness import API_KEY, JWT_SECRET, OPS_TOKEN, ROOT, ServerProcess, token, unique
 
 pytestmark = pytest.mark.e2e
 
@@ -123,3 +127,86 @@ def test_migrate_then_serve_refuses_an_unmigrated_ledger(tmp_path: Path) -> None
     assert again.returncode == 0, again.stderr
     server = ServerProcess(url, tmp_path).start()
     server.kill()
+
+
+def test_stats_and_devices_at_a_terminal(server: ServerProcess) -> None:
+    env = cli_env(server)
+    user = unique()
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "listen", "--token", token(user, "phone1")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert listener.stdout is not None
+        assert json.loads(listener.stdout.readline())["type"] == "hello"
+        table = courier("devices", "--user", user, env=env)
+        assert table.returncode == 0, table.stderr
+        assert table.stdout.splitlines()[0].split()[:2] == ["device", "connected"]
+        assert table.stdout.splitlines()[1].split()[:2] == ["phone1", "yes"]
+        listed = json.loads(courier("devices", "--user", user, "--json", env=env).stdout)
+        assert [(d["device"], d["connected"]) for d in listed["devices"]] == [("phone1", True)]
+        stats = json.loads(courier("stats", "--json", env=env).stdout)
+        assert stats["connections"] >= 1 and stats["cluster_connections"] >= 1
+        text = courier("stats", env=env)
+        assert text.returncode == 0 and "cluster:" in text.stdout, text.stderr
+    finally:
+        listener.kill()
+        listener.communicate(timeout=10)  # reaps it and closes its pipe
+    nobody = courier("devices", "--user", unique(), env=env)
+    assert nobody.returncode == 0 and "has no devices" in nobody.stdout
+    refused = courier("stats", "--token", "wrong", env=env)
+    assert refused.returncode == 1 and "HTTP 401" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_version_and_help_for_every_option() -> None:
+    result = courier("--version", env=dict(os.environ))
+    assert result.returncode == 0 and result.stdout.strip() == f"courier {__version__}"
+    assert version("courier-server") == __version__
+    parser = build_parser()
+    assert "``" not in (parser.description or "")
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        assert sub.description or commands._choices_actions, name
+        for action in sub._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, f"courier {name} {action.option_strings} has no help"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"COURIER_LOG_LEVEL": "loud"}, "COURIER_LOG_LEVEL must be one of"),
+        ({"DATABASE_URL": "postgres://u:p@127.0.0.1:5432"}, "names no database"),
+        ({"WEB_CONCURRENCY": "many"}, "WEB_CONCURRENCY must be a whole number"),
+    ],
+)
+def test_bad_configuration_is_one_line_and_exit_2(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    base = {**os.environ, "COURIER_DEV_FILE": str(tmp_path / "d.json")}
+    for name in ("COURIER_DATABASE_URL", "DATABASE_URL", "COURIER_LOG_LEVEL", "WEB_CONCURRENCY"):
+        base.pop(name, None)
+    result = courier("serve", env={**base, **env})
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert result.stderr.startswith("courier: configuration error: ")
+
+
+def test_web_concurrency_without_redis_runs_one_process(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'one.db'}"
+    assert courier("migrate", env={**os.environ, "COURIER_DATABASE_URL": url}).returncode == 0
+    server = ServerProcess(url, tmp_path, workers=None, env={"WEB_CONCURRENCY": "2"}).start()
+    try:
+        notes = [line for line in server.log().splitlines() if "WEB_CONCURRENCY" in line]
+        assert notes == [
+            "courier: WEB_CONCURRENCY=2 ignored: without COURIER_REDIS_URL workers cannot"
+            " share events, so this runs one process"
+        ]
+        assert server.log().count("Started server process") == 1
+    finally:
+        server.kill()

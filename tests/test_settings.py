@@ -70,6 +70,12 @@ def test_courier_variables_win_over_generic_ones() -> None:
         ({**PROD, "COURIER_DATABASE_URL": "mysql://x/y"}, "unsupported database"),
         ({**PROD, "COURIER_DATABASE_URL": "postgresql+psycopg2://x/y"}, "through asyncpg"),
         ({**PROD, "COURIER_DATABASE_URL": "sqlite://"}, "needs a file path"),
+        ({**PROD, "DATABASE_URL": "postgres://u:p@db:5432"}, "names no database"),
+        ({**PROD, "DATABASE_URL": "postgres://u:p@db:5432/"}, "names no database"),
+        ({**PROD, "COURIER_LOG_LEVEL": "loud"}, "COURIER_LOG_LEVEL must be one of"),
+        ({**PROD, "WEB_CONCURRENCY": "two"}, "WEB_CONCURRENCY must be a whole number"),
+        ({**PROD, "COURIER_REDIS_TLS_VERIFY": "off"}, "COURIER_REDIS_TLS_VERIFY must be one"),
+        ({**PROD, "COURIER_REDIS_CA_CERT": "/nonexistent/ca.pem"}, "no file at"),
         ({**PROD, "COURIER_REDIS_URL": "http://x"}, "COURIER_REDIS_URL must start"),
         ({**PROD, "COURIER_WS_DEFLATE": "maybe"}, "must be true or false"),
         ({**PROD, "COURIER_JWT_SECRET": "short"}, "at least 32 characters"),
@@ -80,6 +86,15 @@ def test_courier_variables_win_over_generic_ones() -> None:
 def test_bad_values_are_named(env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         Settings.from_env(env)
+
+
+def test_heroku_variables() -> None:
+    s = Settings.from_env({**PROD, "DYNO": "web.1", "WEB_CONCURRENCY": "2"})
+    assert s.node_id.startswith("web.1-") and s.web_concurrency == 2
+    assert Settings.from_env(PROD).web_concurrency is None
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    tls = Settings.from_env({**PROD, "COURIER_REDIS_CA_CERT": pem})
+    assert tls.redis_ca_cert == pem.strip() and tls.redis_tls_verify == "full"
 
 
 def test_sqlite_url_gets_the_async_driver() -> None:
