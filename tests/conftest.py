@@ -8,16 +8,26 @@ using PostgreSQL and Redis.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import os
+import shutil
+import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import redis
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from models.ledger import Ledger, migrate
-from tests.harness import ServerProcess
+from tests.harness import ServerProcess, free_port
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 PG_ADMIN_DSN = os.environ.get("COURIER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -152,3 +162,82 @@ def assert_graceful_stop(proc: ServerProcess) -> None:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "courier-test-redis")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "redis.crt", directory / "redis.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="session")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """``rediss://`` URL of a TLS-only redis-server on loopback, and its certificate."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if IN_CI:
+            pytest.fail("CI=true and redis-server is not installed: the TLS tests must run")
+        pytest.skip("!!! SKIPPED: redis-server is not installed; install it to run these tests")
+    directory = tmp_path_factory.mktemp("tls-redis")
+    cert, key = self_signed(directory)
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port", "0",
+            "--tls-port", str(port),
+            "--bind", "127.0.0.1",
+            "--tls-cert-file", str(cert),
+            "--tls-key-file", str(key),
+            "--tls-ca-cert-file", str(cert),
+            "--tls-auth-clients", "no",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(directory),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"rediss://127.0.0.1:{port}/0"
+    probe = redis.Redis.from_url(url, ssl_ca_certs=str(cert))
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                probe.ping()
+                break
+            except redis.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"redis-server --tls-port did not start (exit {proc.poll()})")
+                time.sleep(0.05)  # polling a process that has no other readiness signal
+        yield url, cert
+    finally:
+        probe.close()
+        proc.terminate()
+        proc.wait(10)
