@@ -5,27 +5,34 @@ BIN    := $(VENV)/bin
 
 .PHONY: run test lint typecheck clean bench fuzz
 
+PIP    := $(BIN)/pip --quiet --quiet --disable-pip-version-check
+
+# The server alone (what `make run` needs), then the test tools on top (`make test`).
 $(BIN)/courier: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(PIP) install --upgrade pip
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.dev: $(BIN)/courier pyproject.toml
+	$(PIP) install -e '.[dev]'
 	touch $@
 
 run: $(BIN)/courier
 	$(BIN)/courier migrate
 	$(BIN)/courier serve
 
-lint: $(BIN)/courier
+lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: $(BIN)/courier
+typecheck: $(VENV)/.dev
 	$(BIN)/mypy
 
-test: $(BIN)/courier lint typecheck
+test: $(VENV)/.dev lint typecheck
 	$(BIN)/pytest -q
 
-fuzz: $(BIN)/courier
+fuzz: $(VENV)/.dev
 	COURIER_FUZZ_EXAMPLES=$${COURIER_FUZZ_EXAMPLES:-100000} $(BIN)/pytest -q tests/test_fuzz.py --timeout 0
 
 # `make bench`: Courier against Socket.IO 4.8 (needs node and npm; bench/compare.py).
@@ -34,7 +41,7 @@ fuzz: $(BIN)/courier
 BENCH      ?= compare
 BENCH_ARGS ?=
 
-bench: $(BIN)/courier
+bench: $(VENV)/.dev
 	$(BIN)/python bench/$(BENCH).py $(BENCH_ARGS)
 
 clean:

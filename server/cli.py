@@ -177,7 +177,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from models.ledger import migrate
 
     settings = _settings()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Each step applied, one line each; not Alembic's plugin and context chatter.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("alembic.runtime.migration").setLevel(logging.INFO)
+    logging.getLogger("alembic.runtime.migration").addFilter(
+        lambda record: record.getMessage().startswith("Running ")
+    )
     try:
         migrate(settings.database_url, args.revision)
     except Exception as exc:

@@ -123,6 +123,9 @@ def test_migrate_then_serve_refuses_an_unmigrated_ledger(tmp_path: Path) -> None
     )
     migrated = courier("migrate", env=env)
     assert migrated.returncode == 0, migrated.stderr
+    lines = migrated.stderr.splitlines()  # each step and the result; no Alembic chatter
+    assert all(line.startswith("Running upgrade ") for line in lines[:-1]), lines
+    assert lines[-1] == "courier: ledger schema is at head" and len(lines) >= 4
     again = courier("migrate", env=env)  # idempotent
     assert again.returncode == 0, again.stderr
     server = ServerProcess(url, tmp_path).start()
@@ -210,3 +213,17 @@ def test_web_concurrency_without_redis_runs_one_process(tmp_path: Path) -> None:
         assert server.log().count("Started server process") == 1
     finally:
         server.kill()
+
+
+def test_make_run_installs_the_server_alone_and_quietly(tmp_path: Path) -> None:
+    venv = tmp_path / "fresh-venv"
+    planned = subprocess.run(
+        ["make", "-n", "run", f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert planned.returncode == 0, planned.stderr
+    installs = [line for line in planned.stdout.splitlines() if " install " in line]
+    assert installs and all("--quiet --quiet" in line for line in installs), installs
+    assert installs[-1].endswith("install -e .")  # no test tools for a server run
+    assert not any("dev]" in line or "clients/" in line for line in installs), installs
+    steps = planned.stdout.splitlines()
+    assert steps[-2:] == [f"{venv}/bin/courier migrate", f"{venv}/bin/courier serve"]
