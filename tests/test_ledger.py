@@ -214,6 +214,27 @@ async def test_register_devices_in_one_batch(ledger: Ledger) -> None:
     assert [d.last_seen for d in await ledger.devices(a)] == [7, 5]
 
 
+async def test_lone_events_dedupe_conflict_and_keep_seqs_contiguous(ledger: Ledger) -> None:
+    # A lone event without a collapse key takes PostgreSQL's one-statement path.
+    user = unique()
+    key = unique("lone")
+    first = await ledger.record([ev(user, key, ttl=60, device="d1")], now=5000)
+    assert [(r.seq, r.duplicate) for r in first] == [(1, False)]
+    stored = first[0].event
+    assert stored is not None and (stored.expires_at, stored.device) == (65_000, "d1")
+    assert await ledger.get_event(key) == stored
+    again = await ledger.record([ev(user, key, ttl=60, device="d1")])
+    assert [(r.user, r.seq, r.duplicate, r.event) for r in again] == [(user, 1, True, None)]
+    try:
+        await ledger.record([ev(user, key)])  # other content (no ttl, no device)
+    except IdConflict as exc:
+        assert exc.indexes == [0]
+    else:
+        raise AssertionError("a lone reused id with other content was accepted")
+    nxt = await ledger.record([ev(user)])
+    assert nxt[0].seq == 2 and await ledger.heads([user]) == {user: 2}  # no gap
+
+
 async def test_a_reused_id_with_other_content_conflicts_and_records_nothing(ledger: Ledger) -> None:
     user = unique()
     key = unique("grab")
