@@ -114,6 +114,8 @@ def parse_event(obj: Any, path: str, limits: Limits) -> NewEvent:
             f"{path}id", f"id must be a string of 1-{MAX_ID} characters, no control characters"
         )
     ttl = obj.get("ttl")
+    if isinstance(ttl, float) and ttl.is_integer():
+        ttl = int(ttl)  # 600.0 is whole seconds too (JSON has one kind of number)
     if ttl is not None and (
         isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= limits.max_ttl
     ):
