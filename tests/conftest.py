@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from models.ledger import Ledger, migrate
+from tests import harness
 from tests.harness import ServerProcess
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -147,6 +148,17 @@ def assert_graceful_stop(proc: ServerProcess) -> None:
     assert code in (0, -15), f"server exited with {code}:\n{log}"
     assert "Application shutdown complete" in log, log
     assert "Traceback" not in log, log
+
+
+@pytest.fixture(autouse=True)
+def frames_match_the_contract() -> Iterator[None]:
+    """Fail a test in which a device got a frame that breaks docs/asyncapi.yaml, even if
+    the test caught the error raised where the frame was read."""
+    harness.BREACHES.clear()
+    yield
+    breaches, harness.BREACHES[:] = list(harness.BREACHES), []
+    if breaches:
+        pytest.fail("frames that break the contract:\n" + "\n".join(map(str, breaches)))
 
 
 @pytest.fixture
