@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -49,7 +50,7 @@ def error_response(
     code: str,
     message: str,
     field: str | None = None,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     body: dict[str, Any] = {"code": code, "message": message}
     if field is not None:
@@ -113,6 +114,8 @@ def parse_event(obj: Any, path: str, limits: Limits) -> NewEvent:
             f"{path}id", f"id must be a string of 1-{MAX_ID} characters, no control characters"
         )
     ttl = obj.get("ttl")
+    if isinstance(ttl, float) and ttl.is_integer():
+        ttl = int(ttl)  # 600.0 is whole seconds too (JSON has one kind of number)
     if ttl is not None and (
         isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= limits.max_ttl
     ):

@@ -8,8 +8,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
@@ -18,7 +19,8 @@ from channels.metrics import Metrics
 from channels.node import Node, NodeConfig
 from channels.presence import LocalPresence, Presence
 from models.ledger import DeviceLimit, Ledger, LedgerUnavailable, head_revision
-from server import api, ops, transport, websocket
+from server import api, openapi, ops, transport, websocket
+from server.api import error_response
 from server.auth import Auth
 from server.drain import DrainOnTerm
 from server.guard import Guard
@@ -166,12 +168,7 @@ def create_app(settings: Settings) -> Starlette:
         except BaseException:
             await ledger.close()
             raise
-        limits = Limits(
-            settings.max_data_bytes,
-            settings.max_batch,
-            settings.retention_seconds,
-            body_timeout=settings.handshake_timeout,
-        )
+        limits = Limits.of(settings)
         for reason in transport.REASONS:
             metrics.transport_refusals.labels(reason)
         transport.count_refusals(lambda reason: metrics.transport_refusals.labels(reason).inc())
@@ -213,9 +210,9 @@ def create_app(settings: Settings) -> Starlette:
             log.info("node %s stopped", settings.node_id)
 
     return CourierApp(
-        routes=[*websocket.routes(), *api.routes(), *ops.routes()],
+        routes=[*websocket.routes(), *api.routes(), *ops.routes(), *openapi.routes()],
         lifespan=lifespan,
-        exception_handlers={Exception: internal_error},
+        exception_handlers={HTTPException: http_error, Exception: internal_error},
     )
 
 
@@ -237,12 +234,18 @@ class CourierApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
+async def http_error(request: Request, exc: Exception) -> Response:
+    """A request no route takes (404) or a method its route does not serve (405): the same
+    JSON error body as every other refusal, with the router's headers (``Allow``)."""
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, exc.detail, headers=exc.headers)
+
+
 async def internal_error(request: Request, exc: Exception) -> Response:
     """A bug, never the client's input: one ERROR with the traceback, a JSON 500, and the
     connection closed (its state is unknown) with ``Connection: close`` said to the client."""
     log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-    return JSONResponse(
-        {"error": {"code": "internal", "message": "internal error; it has been logged"}},
-        status_code=500,
-        headers={"Connection": "close"},
+    return error_response(
+        500, "internal", "internal error; it has been logged", headers={"Connection": "close"}
     )

@@ -25,6 +25,15 @@ class Limits:
     body_timeout: float = 10.0
     """Seconds a publish body has to arrive in full (a trickled body is a 408)."""
 
+    @classmethod
+    def of(cls, settings: Settings) -> Limits:
+        return cls(
+            settings.max_data_bytes,
+            settings.max_batch,
+            settings.retention_seconds,
+            body_timeout=settings.handshake_timeout,
+        )
+
 
 @dataclass
 class Services:

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from models.ledger import Ledger, migrate
+from tests import harness
 from tests.harness import ServerProcess, free_port
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -157,6 +158,17 @@ def assert_graceful_stop(proc: ServerProcess) -> None:
     assert code in (0, -15), f"server exited with {code}:\n{log}"
     assert "Application shutdown complete" in log, log
     assert "Traceback" not in log, log
+
+
+@pytest.fixture(autouse=True)
+def frames_match_the_contract() -> Iterator[None]:
+    """Fail a test in which a device got a frame that breaks docs/asyncapi.yaml, even if
+    the test caught the error raised where the frame was read."""
+    harness.BREACHES.clear()
+    yield
+    breaches, harness.BREACHES[:] = list(harness.BREACHES), []
+    if breaches:
+        pytest.fail("frames that break the contract:\n" + "\n".join(map(str, breaches)))
 
 
 @pytest.fixture

@@ -23,6 +23,9 @@ from typing import Any
 import httpx
 import jwt
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.typing import Data
+
+from tests.specs import FrameMismatch, check_frame
 
 ROOT = Path(__file__).resolve().parent.parent
 JWT_SECRET = "test-secret-" + uuid.uuid4().hex
@@ -200,8 +203,28 @@ class ServerProcess:
             return await http.get(path, headers={"Authorization": f"Bearer {key}"} if key else {})
 
 
+BREACHES: list[FrameMismatch] = []
+"""Every frame a device received that broke docs/asyncapi.yaml; the test that received it
+fails even if it swallowed the error (tests/conftest.py checks this after each test)."""
+
+
+class CheckedConnection(ClientConnection):
+    """A client connection that checks every message the server sends against the frame
+    schema of its ``type`` in docs/asyncapi.yaml (closed: no undocumented field)."""
+
+    async def recv(self, decode: bool | None = None) -> Data:  # type: ignore[override]
+        message = await super().recv(decode)
+        try:
+            check_frame(message)
+        except FrameMismatch as exc:
+            BREACHES.append(exc)
+            raise
+        return message
+
+
 class Device:
-    """One phone: a WebSocket connection that reads frames and acks."""
+    """One phone: a WebSocket connection that reads frames and acks. Every frame it gets
+    is checked against docs/asyncapi.yaml (``CheckedConnection``)."""
 
     def __init__(self, ws: ClientConnection, hello: dict[str, Any]) -> None:
         self.ws = ws
@@ -229,7 +252,11 @@ class Device:
             headers["Authorization"] = f"Bearer {tok}"
         query = ("?" + "&".join(params)) if params else ""
         ws = await connect(
-            f"{server.ws_url}/v1/ws{query}", additional_headers=headers, open_timeout=10, **kwargs
+            f"{server.ws_url}/v1/ws{query}",
+            additional_headers=headers,
+            open_timeout=10,
+            create_connection=CheckedConnection,
+            **kwargs,
         )
         hello = json.loads(await asyncio.wait_for(ws.recv(), 10))
         assert hello["type"] == "hello", hello
