@@ -73,23 +73,35 @@ class NewEvent:
     ttl: int | None = None
     collapse: str | None = None
     digest: str = ""
+    push_after: int | None = None
+    """Seconds after which a device that has not acked it gets a push; None: never."""
+    notification: str | None = None
+    """The push notification (JSON text of ``{"title", "body"}``), if the publisher gave one."""
     """What makes two events with one ``id`` the same (see :func:`content_digest`);
     empty: computed from the fields as they are."""
 
     def content(self) -> str:
+        push = None
+        if self.push_after is not None or self.notification is not None:
+            push = {"push_after": self.push_after, "notification": self.notification}
         return self.digest or content_digest(
-            self.user, self.kind, self.data, self.device, self.ttl, self.collapse
+            self.user, self.kind, self.data, self.device, self.ttl, self.collapse, push
         )
 
 
 def content_digest(
     user: str, kind: str, data: str | bytes, device: str | None, ttl: int | None,
-    collapse: str | None,
+    collapse: str | None, push: Any = None,
 ) -> str:  # fmt: skip
     """SHA-256 of an event's content; ``data`` should be encoded with sorted keys, so that
-    a retry that orders the keys of ``data`` differently is still the same event."""
+    a retry that orders the keys of ``data`` differently is still the same event.
+    ``push``: the push fields the publisher gave, if any (so digests of events without
+    them are what they were before those fields existed)."""
     raw = data.encode() if isinstance(data, str) else data
-    head = json.dumps([user, kind, device, ttl, collapse], separators=(",", ":"))
+    fields: list[Any] = [user, kind, device, ttl, collapse]
+    if push is not None:
+        fields.append(push)
+    head = json.dumps(fields, separators=(",", ":"), sort_keys=True)
     return hashlib.sha256(head.encode() + b"\n" + raw).hexdigest()
 
 
@@ -194,14 +206,17 @@ _EVENT_KEYS = (
     "expires_at",
     "collapse",
     "digest",
+    "push_at",
+    "notification",
 )
 _PG_INSERT_EVENTS = text(
     "INSERT INTO events (user_id, seq, id, device_id, kind, data, created_at, expires_at,"
-    " collapse, digest)"
+    " collapse, digest, push_at, notification)"
     " SELECT * FROM unnest(CAST(:user_id AS text[]), CAST(:seq AS bigint[]),"
     " CAST(:id AS text[]), CAST(:device_id AS text[]), CAST(:kind AS text[]),"
     " CAST(:data AS text[]), CAST(:created_at AS bigint[]), CAST(:expires_at AS bigint[]),"
-    " CAST(:collapse AS text[]), CAST(:digest AS text[]))"
+    " CAST(:collapse AS text[]), CAST(:digest AS text[]), CAST(:push_at AS bigint[]),"
+    " CAST(:notification AS text[]))"
     " ON CONFLICT (id) DO NOTHING RETURNING id"
 )
 _PG_ALLOCATE = text(
@@ -217,9 +232,9 @@ _PG_RECORD_ONE = text(  # Ledger._record_one: a lone event in one autocommitted 
     " ON CONFLICT (user_id) DO UPDATE SET last_seq = streams.last_seq + 1"
     " RETURNING last_seq),"
     " ins AS (INSERT INTO events (user_id, seq, id, device_id, kind, data, created_at,"
-    " expires_at, collapse, digest)"
+    " expires_at, collapse, digest, push_at, notification)"
     " SELECT :user_id, alloc.last_seq, :id, :device_id, :kind, :data, :created_at,"
-    " :expires_at, NULL, :digest FROM alloc"
+    " :expires_at, NULL, :digest, :push_at, :notification FROM alloc"
     " ON CONFLICT (id) DO NOTHING RETURNING seq)"
     " SELECT (SELECT seq FROM ins), k.user_id, k.seq, k.digest"
     " FROM (SELECT 1) AS one LEFT JOIN known AS k ON true"
@@ -278,6 +293,10 @@ _SQLITE_ALLOCATE = _sqlite_streams.on_conflict_do_update(
     index_elements=["user_id"],
     set_={"last_seq": streams.c.last_seq + _sqlite_streams.excluded.last_seq},
 ).returning(streams.c.user_id, streams.c.last_seq)
+
+
+def _push_at(e: NewEvent, now: int) -> int | None:
+    return None if e.push_after is None else now + e.push_after * 1000
 
 
 def _stored(row: Any) -> StoredEvent:
@@ -391,6 +410,8 @@ class Ledger:
             "created_at": now,
             "expires_at": expires_at,
             "digest": digest,
+            "push_at": _push_at(e, now),
+            "notification": e.notification,
         }
         try:
             async with self.engine.connect() as raw:
@@ -465,6 +486,8 @@ class Ledger:
                         "expires_at": ev.expires_at,
                         "collapse": ev.collapse,
                         "digest": e.content(),
+                        "push_at": _push_at(e, now),
+                        "notification": e.notification,
                     }
                 )
             inserted = await self._insert_events(conn, rows)

@@ -6,7 +6,7 @@ PostgreSQL, no time-zone conversions on the hot path.
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Index, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Column, Index, Integer, MetaData, String, Table, Text
 
 metadata = MetaData()
 
@@ -35,11 +35,16 @@ events = Table(
     Column("expires_at", BigInteger, nullable=True),
     Column("collapse", String(200), nullable=True),
     Column("superseded_by", BigInteger, nullable=True),
+    # When a device that has not acked it gets a platform push (null: never pushed), and
+    # the notification (title, body) the publisher gave for that push, as JSON text.
+    Column("push_at", BigInteger, nullable=True),
+    Column("notification", Text, nullable=True),
     # SHA-256 of the content: a reused id with other content is a conflict, not a duplicate.
     Column("digest", String(64), nullable=True),
     Index("events_id_key", "id", unique=True),
     Index("events_user_collapse_idx", "user_id", "collapse"),
     Index("events_created_at_idx", "created_at"),
+    Index("events_push_at_idx", "push_at"),
 )
 
 # Delivery state per device is two cursors, not a row per (event, device).
@@ -67,4 +72,48 @@ skipped = Table(
     Column("seq", BigInteger, primary_key=True, autoincrement=False),
     Column("created_at", BigInteger, nullable=False),
     Index("skipped_created_at_idx", "created_at"),
+)
+
+# A device's push address (one per device): where pushes go while it is not connected.
+push_registrations = Table(
+    "push_registrations",
+    metadata,
+    Column("user_id", String(128), primary_key=True),
+    Column("device_id", String(128), primary_key=True),
+    Column("provider", String(32), nullable=False),
+    Column("token", Text, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+# The push decisions: one row per (event, device) due a push, made once whatever the
+# number of nodes (the primary key), then claimed, sent and finished by any node.
+# ``state``: due (decided, not sent), sending (claimed until ``claimed_until``), sent,
+# skipped (acked, expired or superseded before it was sent; ``reason`` says which),
+# failed (the provider refused it, or attempts ran out). ``carried_by``: the seq of the
+# event whose push carried this one (events of a device due together go as one push).
+pushes = Table(
+    "pushes",
+    metadata,
+    Column("user_id", String(128), primary_key=True),
+    Column("device_id", String(128), primary_key=True),
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_at", BigInteger, nullable=False),
+    Column("claimed_until", BigInteger, nullable=True),
+    Column("decided_at", BigInteger, nullable=False),
+    Column("done_at", BigInteger, nullable=True),
+    Column("reason", String(64), nullable=True),
+    Column("carried_by", BigInteger, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Index("pushes_state_next_idx", "state", "next_at"),
+    Index("pushes_created_at_idx", "created_at"),
+)
+
+# How far the push decisions have scanned ``events.push_at`` (one row).
+push_scan = Table(
+    "push_scan",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("scanned_to", BigInteger, nullable=False),
 )

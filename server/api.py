@@ -26,7 +26,22 @@ from models.ledger import (
 from server.auth import IDENT, KIND
 from server.services import Limits, services_of
 
-_EVENT_FIELDS = frozenset({"user", "kind", "data", "id", "device", "ttl", "collapse"})
+_EVENT_FIELDS = frozenset(
+    {
+        "user",
+        "kind",
+        "data",
+        "id",
+        "device",
+        "ttl",
+        "collapse",
+        "push",
+        "push_after",
+        "notification",
+    }
+)
+MAX_TITLE = 200
+MAX_BODY = 1000
 MAX_ID = 200
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -113,9 +128,7 @@ def parse_event(obj: Any, path: str, limits: Limits) -> NewEvent:
         raise InputError(
             f"{path}id", f"id must be a string of 1-{MAX_ID} characters, no control characters"
         )
-    ttl = obj.get("ttl")
-    if isinstance(ttl, float) and ttl.is_integer():
-        ttl = int(ttl)  # 600.0 is whole seconds too (JSON has one kind of number)
+    ttl = _whole(obj.get("ttl"))
     if ttl is not None and (
         isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= limits.max_ttl
     ):
@@ -129,6 +142,7 @@ def parse_event(obj: Any, path: str, limits: Limits) -> NewEvent:
             f"collapse must be null or 1-{MAX_ID} characters, no control characters",
         )
     device = ident("device", False)
+    given, push_after, notification = _push_fields(obj, path, limits)
     return NewEvent(
         id=event_id,
         user=user,
@@ -139,9 +153,57 @@ def parse_event(obj: Any, path: str, limits: Limits) -> NewEvent:
         collapse=collapse,
         # Key order inside data does not make another event: a retry may reorder keys.
         digest=content_digest(
-            user, kind, msgspec.json.encode(data, order="sorted"), device, ttl, collapse
+            user, kind, msgspec.json.encode(data, order="sorted"), device, ttl, collapse, given
         ),
+        push_after=push_after,
+        notification=notification,
     )
+
+
+def _whole(value: Any) -> Any:
+    """600.0 is whole seconds too (JSON has one kind of number)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _push_fields(
+    obj: dict[str, Any], path: str, limits: Limits
+) -> tuple[dict[str, Any] | None, int | None, str | None]:
+    """``push`` (false: never push), ``push_after`` (seconds) and ``notification``
+    (``{"title", "body"}``): the fields as given (for the digest), the resolved delay
+    (None: never) and the notification as JSON text."""
+    push = obj.get("push", True)
+    if push is None:
+        push = True
+    if not isinstance(push, bool):
+        raise InputError(f"{path}push", "push must be true, false or null")
+    after = _whole(obj.get("push_after"))
+    if after is not None and (
+        isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= limits.max_ttl
+    ):
+        raise InputError(
+            f"{path}push_after",
+            f"push_after must be null or whole seconds from 0 to {limits.max_ttl}",
+        )
+    note = obj.get("notification")
+    text: str | None = None
+    if note is not None:
+        fields = {"title": MAX_TITLE, "body": MAX_BODY}
+        if (
+            not isinstance(note, dict)
+            or not note
+            or set(note) - set(fields)
+            or any(not isinstance(v, str) or not 1 <= len(v) <= fields[k] for k, v in note.items())
+        ):
+            raise InputError(
+                f"{path}notification",
+                f"notification must be null or an object with title (1-{MAX_TITLE} characters)"
+                f" and/or body (1-{MAX_BODY} characters)",
+            )
+        text = msgspec.json.encode(note, order="sorted").decode()
+    given = None
+    if push is False or after is not None or note is not None:
+        given = {"push": push, "push_after": after, "notification": text}
+    return given, (None if not push else limits.push_after if after is None else after), text
 
 
 def parse_body(raw: bytes, limits: Limits) -> tuple[list[NewEvent], bool]:

@@ -131,6 +131,27 @@ def _schemas(limits: Limits) -> dict[str, Schema]:
                     "type": ["string", "null"],
                     "description": "a newer event with this key supersedes older ones",
                 },
+                "push": {
+                    "type": ["boolean", "null"],
+                    "description": "false: never send this event as a platform push",
+                },
+                "push_after": {
+                    "type": ["integer", "null"],
+                    "minimum": 0,
+                    "maximum": limits.max_ttl,
+                    "description": "seconds after which a device that has not acked it gets a"
+                    f" push (default {limits.push_after})",
+                },
+                "notification": {
+                    "type": ["object", "null"],
+                    "additionalProperties": False,
+                    "minProperties": 1,
+                    "properties": {
+                        "title": {"type": "string", "minLength": 1, "maxLength": 200},
+                        "body": {"type": "string", "minLength": 1, "maxLength": 1000},
+                    },
+                    "description": "a visible notification for the push (else a data message)",
+                },
             },
         },
         "Published": _obj(

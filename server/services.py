@@ -24,6 +24,8 @@ class Limits:
     max_ttl: int
     body_timeout: float = 10.0
     """Seconds a publish body has to arrive in full (a trickled body is a 408)."""
+    push_after: int = 10
+    """Default seconds after which a device that has not acked an event gets a push."""
 
     @classmethod
     def of(cls, settings: Settings) -> Limits:
@@ -32,6 +34,7 @@ class Limits:
             settings.max_batch,
             settings.retention_seconds,
             body_timeout=settings.handshake_timeout,
+            push_after=settings.push_after_seconds,
         )
 
 

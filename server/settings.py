@@ -82,6 +82,16 @@ class Settings:
     # Redis: the ingest stream and cluster presence.
     ingest_claim_seconds: float = 30.0
     presence_seconds: float = 2.0
+    # Push fallback (channels/push): FCM or a webhook, for devices that are not connected.
+    push_after_seconds: int = 10
+    push_claim_seconds: float = 30.0
+    fcm_credentials: str | None = None
+    fcm_project: str | None = None
+    fcm_endpoint: str = "https://fcm.googleapis.com"
+    fcm_token_uri: str | None = None
+    push_high_priority_kinds: frozenset[str] = frozenset()
+    push_webhook_url: str | None = None
+    push_webhook_secret: str | None = None
     # Shutdown.
     drain_seconds: float = 10.0
     drain_batch: int = 500
@@ -153,6 +163,21 @@ class Settings:
             reconcile_seconds=r.number("COURIER_RECONCILE_SECONDS", 5.0, 0.05, 3600.0),
             ingest_claim_seconds=r.number("COURIER_INGEST_CLAIM_SECONDS", 30.0, 0.01, 86400.0),
             presence_seconds=r.number("COURIER_PRESENCE_SECONDS", 2.0, 0.05, 60.0),
+            push_after_seconds=r.integer("COURIER_PUSH_AFTER_SECONDS", 10, 0, 7 * 86400),
+            push_claim_seconds=r.number("COURIER_PUSH_CLAIM_SECONDS", 30.0, 0.5, 3600.0),
+            fcm_credentials=r.text("COURIER_FCM_CREDENTIALS"),
+            fcm_project=r.text("COURIER_FCM_PROJECT"),
+            fcm_endpoint=(r.text("COURIER_FCM_ENDPOINT") or "https://fcm.googleapis.com").rstrip(
+                "/"
+            ),
+            fcm_token_uri=r.text("COURIER_FCM_TOKEN_URI"),
+            push_high_priority_kinds=frozenset(
+                k.strip()
+                for k in (r.text("COURIER_PUSH_HIGH_PRIORITY_KINDS") or "").split(",")
+                if k.strip()
+            ),
+            push_webhook_url=_http_url(r.text("COURIER_PUSH_WEBHOOK_URL")),
+            push_webhook_secret=r.text("COURIER_PUSH_WEBHOOK_SECRET"),
             drain_seconds=r.number("COURIER_DRAIN_SECONDS", 10.0, 0.0, 600.0),
             drain_batch=r.integer("COURIER_DRAIN_BATCH", 500, 1, 1_000_000),
         )
@@ -160,6 +185,15 @@ class Settings:
 
     def with_secrets(self) -> Settings:
         """Resolve secrets: production requires them; development generates missing ones."""
+        if self.push_webhook_url and not self.push_webhook_secret:
+            raise SettingsError(
+                "COURIER_PUSH_WEBHOOK_URL needs COURIER_PUSH_WEBHOOK_SECRET (the HMAC key that"
+                " signs each webhook body)"
+            )
+        if self.push_webhook_url and self.fcm_credentials:
+            raise SettingsError(
+                "set only one of COURIER_FCM_CREDENTIALS and COURIER_PUSH_WEBHOOK_URL"
+            )
         if self.jwt_secret and self.jwt_public_key:
             raise SettingsError("set only one of COURIER_JWT_SECRET and COURIER_JWT_PUBLIC_KEY")
         if self.jwt_secret is not None and len(self.jwt_secret) < 32:
@@ -289,6 +323,12 @@ def _origins(raw: str | None) -> tuple[str, ...]:
             )
         found.append(item)
     return tuple(found)
+
+
+def _http_url(raw: str | None) -> str | None:
+    if raw is not None and not raw.startswith(("http://", "https://")):
+        raise SettingsError(f"COURIER_PUSH_WEBHOOK_URL must be an http(s) URL, got {raw!r}")
+    return raw
 
 
 def _check_redis_url(raw: str | None) -> str | None:
