@@ -159,12 +159,17 @@ def decode_bus(payload: bytes) -> Delivery | Replace | Evict:
 
 
 class InFrame(msgspec.Struct):
-    """A frame from a device: ``{"type": "ack", "seq": N}``, ``{"type": "ping"}`` or
-    ``{"type": "auth", "token": "<JWT>"}``."""
+    """A frame from a device: ``{"type": "ack", "seq": N}``, ``{"type": "ping"}``,
+    ``{"type": "auth", "token": "<JWT>"}`` or ``{"type": "push", "provider": "fcm",
+    "token": "<push token>"}``."""
 
     type: str
     seq: int | None = None
     token: str | None = None
+    provider: str | None = None
+
+
+PUSH_OK = '{"type":"push_ok"}'
 
 
 def auth_ok_frame(expires_at: float) -> str:

@@ -67,3 +67,30 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.pushes_sent = Counter(
+            "courier_pushes_sent", "Pushes the provider accepted, by provider", ["provider"],
+            registry=r,
+        )  # fmt: skip
+        self.push_failures = Counter(
+            "courier_push_failures",
+            "Push attempts that failed, by reason (retried ones too: http_503, timeout, ...)",
+            ["reason"],
+            registry=r,
+        )
+        self.pushes_skipped = Counter(
+            "courier_pushes_skipped",
+            "Decided pushes not sent: acked, expired or superseded before their turn",
+            ["reason"],
+            registry=r,
+        )
+        self.push_registrations_removed = Counter(
+            "courier_push_registrations_removed",
+            "Push addresses removed because the provider said they are no longer valid",
+            registry=r,
+        )
+        self.publish_to_push = Histogram(
+            "courier_publish_to_push_seconds",
+            "Time from an event's publish to the provider accepting its push",
+            buckets=(1, 2.5, 5, 10, 15, 20, 30, 60, 120, 300, 900, 3600),
+            registry=r,
+        )

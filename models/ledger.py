@@ -30,7 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from models.tables import devices, events, skipped, streams
+from models.tables import devices, events, push_registrations, pushes, skipped, streams
 
 log = logging.getLogger("courier.ledger")
 
@@ -805,17 +805,30 @@ class Ledger:
         gone = [*evicted, *refused]
         for i in range(0, len(gone), _CHUNK):
             part = gone[i : i + _CHUNK]
-            await conn.execute(
-                devices.delete().where(
-                    or_(*(and_(devices.c.user_id == u, devices.c.device_id == d) for u, d in part))
+            for table in (devices, push_registrations):
+                await conn.execute(
+                    table.delete().where(
+                        or_(*(and_(table.c.user_id == u, table.c.device_id == d) for u, d in part))
+                    )
                 )
-            )
         return refused, evicted
 
     async def prune_devices(self, before: int) -> int:
         """Delete devices not seen since ``before`` (ms); answers how many."""
         async with self._tx() as conn:
             result = await conn.execute(devices.delete().where(devices.c.last_seen < before))
+            # Push addresses go with their devices (and ones never used by a device).
+            await conn.execute(
+                push_registrations.delete().where(
+                    push_registrations.c.updated_at < before,
+                    ~select(devices.c.device_id)
+                    .where(
+                        devices.c.user_id == push_registrations.c.user_id,
+                        devices.c.device_id == push_registrations.c.device_id,
+                    )
+                    .exists(),
+                )
+            )
             return int(getattr(result, "rowcount", 0) or 0)
 
     async def flush_cursors(self, moves: Sequence[Cursor]) -> None:
@@ -923,6 +936,7 @@ class Ledger:
                 gone,
             )
             await conn.execute(skipped.delete().where(skipped.c.created_at < before))
+            await conn.execute(pushes.delete().where(pushes.c.created_at < before))
             result = await conn.execute(events.delete().where(events.c.created_at < before))
             return int(getattr(result, "rowcount", 0) or 0)
 
@@ -931,7 +945,9 @@ class Ledger:
             return int((await conn.execute(select(func.count()).select_from(events))).scalar_one())
 
 
-def delivery_status(ev: StoredEvent, dev: DeviceState, now: int, skipped: bool = False) -> str:
+def delivery_status(
+    ev: StoredEvent, dev: DeviceState, now: int, skipped: bool = False, pushed: bool = False
+) -> str:
     """One device's state of one event, derived from the device's cursors.
 
     * ``superseded``: a newer event of its collapse key replaced it before the device
@@ -940,6 +956,7 @@ def delivery_status(ev: StoredEvent, dev: DeviceState, now: int, skipped: bool =
     * ``acked``: the device's acked cursor is past the event (it processed it, or
       caught up past it while it was expired);
     * ``expired``: the event expired before the device acknowledged it;
+    * ``pushed``: sent to the device's push provider (``pushed``), not acknowledged yet;
     * ``sent``: written to the device, not acknowledged yet;
     * ``pending``: not written to the device yet (it is offline or catching up).
     """
@@ -951,6 +968,8 @@ def delivery_status(ev: StoredEvent, dev: DeviceState, now: int, skipped: bool =
         return "expired"
     if ev.superseded_by is not None:
         return "superseded"
+    if pushed:
+        return "pushed"
     if dev.sent_seq >= ev.seq:
         return "sent"
     return "pending"

@@ -101,6 +101,7 @@ pushes = Table(
     Column("attempts", Integer, nullable=False, server_default="0"),
     Column("next_at", BigInteger, nullable=False),
     Column("claimed_until", BigInteger, nullable=True),
+    Column("claimed_by", String(64), nullable=True),
     Column("decided_at", BigInteger, nullable=False),
     Column("done_at", BigInteger, nullable=True),
     Column("reason", String(64), nullable=True),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import uuid
 from collections.abc import Mapping
@@ -23,8 +24,11 @@ from models.ledger import (
     delivery_status,
     now_ms,
 )
+from models.pushes import PushState, push_address_problem, token_hint
 from server.auth import IDENT, KIND
 from server.services import Limits, services_of
+
+log = logging.getLogger("courier.api")
 
 _EVENT_FIELDS = frozenset(
     {
@@ -303,6 +307,7 @@ async def event_state(request: Request) -> Response:
             return error_response(404, "not_found", f"no event with id {event_id!r}", "id")
         devices = await svc.node.ledger.devices(ev.user)
         skipped = await svc.node.ledger.skipped_devices(ev.user, ev.seq) if ev.collapse else set()
+        pushes = await svc.pushes.states(ev.user, ev.seq)
     except LedgerUnavailable as exc:
         return unavailable(exc)
     now = now_ms()
@@ -319,10 +324,79 @@ async def event_state(request: Request) -> Response:
             "collapse": ev.collapse,
             "superseded_by": ev.superseded_by,
             "deliveries": [
-                {"device": d.device, "status": delivery_status(ev, d, now, d.device in skipped)}
+                {
+                    "device": d.device,
+                    "status": delivery_status(
+                        ev,
+                        d,
+                        now,
+                        d.device in skipped,
+                        d.device in pushes and pushes[d.device].state == "sent",
+                    ),
+                    "push": _push_view(pushes.get(d.device)),
+                }
                 for d in devices
                 if ev.device is None or d.device == ev.device
             ],
+        }
+    )
+
+
+def _push_view(state: PushState | None) -> dict[str, Any] | None:
+    """A device's push of one event: ``due``, ``sending``, ``sent``, ``skipped`` or
+    ``failed``, with the attempts and the reason (the provider's message id once sent)."""
+    if state is None:
+        return None
+    return {
+        "state": state.state,
+        "attempts": state.attempts,
+        "reason": state.reason,
+        "decided_at": iso_ms(state.decided_at),
+        "done_at": None if state.done_at is None else iso_ms(state.done_at),
+        "carried_by": state.carried_by,
+    }
+
+
+async def push_address(request: Request) -> Response:
+    """``PUT`` or ``DELETE /v1/users/{user}/devices/{device}/push``: a device's push address,
+    set by the publisher (the device may set it itself over its connection)."""
+    svc = services_of(request)
+    if not svc.auth.is_publisher(request.headers.get("authorization")):
+        return unauthorized()
+    user, device = request.path_params["user"], request.path_params["device"]
+    for name, value in (("user", user), ("device", device)):
+        if not IDENT.fullmatch(value):
+            return error_response(
+                400, "invalid", f"{name} must be 1-128 characters of [A-Za-z0-9_.:-]", name
+            )
+    try:
+        if request.method == "DELETE":
+            if not await svc.pushes.unregister(user, device):
+                return error_response(404, "not_found", "this device has no push address")
+            return Response(status_code=204)
+        try:
+            body = msgspec.json.decode(await request.body())
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+            return error_response(400, "bad_json", "the body is not valid JSON", "$")
+        if not isinstance(body, dict):
+            return error_response(422, "invalid", "the body must be a JSON object", "$")
+        unknown = sorted(set(body) - {"provider", "token"})
+        if unknown:
+            return error_response(422, "invalid", f"unknown field {unknown[0]!r}", unknown[0])
+        problem = push_address_problem(body.get("provider"), body.get("token"))
+        if problem is not None:
+            field = problem.split(" ", 1)[0]
+            return error_response(422, "invalid", problem, field)
+        await svc.pushes.register(user, device, body["provider"], body["token"], now_ms())
+    except LedgerUnavailable as exc:
+        return unavailable(exc)
+    log.info("push address of %s/%s set by a publisher (%s)", user, device, body["provider"])
+    return JSONResponse(
+        {
+            "user": user,
+            "device": device,
+            "provider": body["provider"],
+            "token": token_hint(body["token"]),
         }
     )
 
@@ -338,6 +412,7 @@ async def user_devices(request: Request) -> Response:
         )
     try:
         devices = await svc.node.ledger.devices(user)
+        addresses = await svc.pushes.registrations(user)
     except LedgerUnavailable as exc:
         return unavailable(exc)
     try:
@@ -354,6 +429,12 @@ async def user_devices(request: Request) -> Response:
                     "last_seen": iso_ms(d.last_seen),
                     "acked_seq": d.acked_seq,
                     "sent_seq": d.sent_seq,
+                    "push": None
+                    if d.device not in addresses
+                    else {
+                        "provider": addresses[d.device][0],
+                        "token": token_hint(addresses[d.device][1]),
+                    },
                 }
                 for d in devices
             ],
@@ -366,4 +447,5 @@ def routes() -> list[Route]:
         Route("/v1/events", publish, methods=["POST"]),
         Route("/v1/events/{id:path}", event_state, methods=["GET"]),
         Route("/v1/users/{user}/devices", user_devices, methods=["GET"]),
+        Route("/v1/users/{user}/devices/{device}/push", push_address, methods=["PUT", "DELETE"]),
     ]

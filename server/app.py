@@ -19,6 +19,7 @@ from channels.metrics import Metrics
 from channels.node import Node, NodeConfig
 from channels.presence import LocalPresence, Presence
 from models.ledger import DeviceLimit, Ledger, LedgerUnavailable, head_revision
+from models.pushes import PushStore
 from server import api, openapi, ops, transport, websocket
 from server.api import error_response
 from server.auth import Auth
@@ -182,7 +183,9 @@ def create_app(settings: Settings) -> Starlette:
             metrics=metrics,
             limits=limits,
             guard=Guard(settings, metrics),
+            pushes=PushStore(ledger),
         )
+
         drain = DrainOnTerm(node, settings.drain_batch, settings.drain_seconds)
         drain.install()
         if settings.dev_mode:

@@ -34,7 +34,8 @@ KEY_PATTERN = f"^[^\\u0000-\\u001f\\u007f]{{1,{MAX_ID}}}$"
 TIME_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z$"
 """UTC, ISO-8601 with milliseconds, as ``channels.frames.iso_ms`` writes it."""
 
-STATUSES = ("pending", "sent", "acked", "expired", "superseded")
+STATUSES = ("pending", "sent", "pushed", "acked", "expired", "superseded")
+PUSH_STATES = ("due", "sending", "sent", "skipped", "failed")
 """A device's state of one event (``models.ledger.delivery_status``)."""
 
 PUBLISHER: list[dict[str, list[str]]] = [{"publisherKey": []}]
@@ -180,9 +181,59 @@ def _schemas(limits: Limits) -> dict[str, Schema]:
                 "deliveries": {
                     "type": "array",
                     "items": _obj(
-                        {"device": ident, "status": {"type": "string", "enum": list(STATUSES)}}
+                        {
+                            "device": ident,
+                            "status": {"type": "string", "enum": list(STATUSES)},
+                            "push": {
+                                "oneOf": [{"type": "null"}, _ref("PushState")],
+                                "description": "the push fallback's decision for this "
+                                "device, if one was made",
+                            },
+                        }
                     ),
                 },
+            }
+        ),
+        "PushState": _obj(
+            {
+                "state": {"type": "string", "enum": list(PUSH_STATES)},
+                "attempts": {"type": "integer", "minimum": 0},
+                "reason": {
+                    "type": ["string", "null"],
+                    "description": "why it was skipped or failed (acked, expired, "
+                    "superseded, UNREGISTERED, http_503, ...), the provider's message id "
+                    "once sent",
+                },
+                "decided_at": time,
+                "done_at": {**time, "type": ["string", "null"]},
+                "carried_by": {
+                    **seq,
+                    "type": ["integer", "null"],
+                    "description": "the seq of the event whose push carried this one",
+                },
+            }
+        ),
+        "PushAddress": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["provider", "token"],
+            "properties": {
+                "provider": {"type": "string", "pattern": "^[a-z0-9_.-]{1,32}$"},
+                "token": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": 4096,
+                    "pattern": "^[^\\u0000-\\u001f\\u007f]+$",
+                    "description": "the device's push token (an FCM registration token)",
+                },
+            },
+        },
+        "PushAddressSet": _obj(
+            {
+                "user": ident,
+                "device": ident,
+                "provider": {"type": "string"},
+                "token": {"type": "string", "description": "the token's last characters"},
             }
         ),
         "UserDevices": _obj(
@@ -197,6 +248,19 @@ def _schemas(limits: Limits) -> dict[str, Schema]:
                             "last_seen": time,
                             "acked_seq": {"type": "integer", "minimum": 0},
                             "sent_seq": {"type": "integer", "minimum": 0},
+                            "push": {
+                                "oneOf": [
+                                    {"type": "null"},
+                                    _obj(
+                                        {
+                                            "provider": {"type": "string"},
+                                            "token": {"type": "string"},
+                                        }
+                                    ),
+                                ],
+                                "description": "the device's push address (the token's "
+                                "last characters only), or null",
+                            },
                         }
                     ),
                 },
@@ -313,6 +377,49 @@ def _paths(limits: Limits) -> dict[str, Schema]:
                     ),
                 },
             }
+        },
+        "/v1/users/{user}/devices/{device}/push": {
+            "parameters": [
+                {
+                    "name": name,
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "pattern": IDENT_PATTERN},
+                }
+                for name in ("user", "device")
+            ],
+            "put": {
+                "operationId": "setPushAddress",
+                "summary": "Set a device's push address (it replaces the device's previous one)",
+                "security": PUBLISHER,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("PushAddress")}},
+                },
+                "responses": {
+                    "200": _json("Stored.", _ref("PushAddressSet")),
+                    "400": _error(
+                        "The body is not JSON, or an id breaks the character rules.",
+                        "bad_json",
+                        "invalid",
+                    ),
+                    "401": UNAUTHORIZED,
+                    "422": _error("The address breaks the rules (`field` names it).", "invalid"),
+                    "503": LEDGER_DOWN,
+                },
+            },
+            "delete": {
+                "operationId": "deletePushAddress",
+                "summary": "Remove a device's push address",
+                "security": PUBLISHER,
+                "responses": {
+                    "204": {"description": "Removed."},
+                    "400": _error("An id breaks the character rules.", "invalid"),
+                    "401": UNAUTHORIZED,
+                    "404": _error("The device has no push address.", "not_found"),
+                    "503": LEDGER_DOWN,
+                },
+            },
         },
         "/v1/stats": {
             "get": {

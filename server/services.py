@@ -10,6 +10,7 @@ from starlette.requests import HTTPConnection
 from channels.metrics import Metrics
 from channels.node import Node
 from channels.presence import Presence
+from models.pushes import PushStore
 from server.auth import Auth
 from server.guard import Guard
 from server.settings import Settings
@@ -47,6 +48,7 @@ class Services:
     metrics: Metrics
     limits: Limits
     guard: Guard
+    pushes: PushStore
 
 
 def services_of(conn: HTTPConnection) -> Services:

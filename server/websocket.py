@@ -24,10 +24,11 @@ from channels.disconnect import (
     Disconnect,
     code_label,
 )
-from channels.frames import PONG, auth_ok_frame, error_frame, in_frame_decoder
+from channels.frames import PONG, PUSH_OK, InFrame, auth_ok_frame, error_frame, in_frame_decoder
 from channels.limits import SCOPE_KEY, TokenBucket
 from channels.node import DeviceRefused, Node
-from models.ledger import LedgerUnavailable
+from models.ledger import LedgerUnavailable, now_ms
+from models.pushes import PushStore, push_address_problem, token_hint
 from server.auth import Auth, AuthError, DeviceIdentity, bearer
 from server.guard import Refusal
 from server.services import services_of
@@ -137,7 +138,7 @@ async def device_socket(websocket: WebSocket) -> None:
     if fast is not None:
         fast.on_text = functools.partial(node.ack_frame, client)  # acks never reach _read
     writer = client.writer_task = asyncio.create_task(client.run_writer())
-    reader = asyncio.create_task(_read(websocket, client, node, expiry))
+    reader = asyncio.create_task(_read(websocket, client, node, expiry, svc.pushes))
     peer_code: int | None = None
     try:
         done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
@@ -213,7 +214,9 @@ def _code(disconnect: Disconnect | None) -> int:
     return 1006 if disconnect is None else disconnect.code
 
 
-async def _read(websocket: WebSocket, client: Client, node: Node, expiry: _Expiry) -> int | None:
+async def _read(
+    websocket: WebSocket, client: Client, node: Node, expiry: _Expiry, pushes: PushStore
+) -> int | None:
     """Handle frames from the device. Answers the peer's close code.
 
     Once the server decided to close, frames are still read (and dropped) until the
@@ -257,12 +260,35 @@ async def _read(websocket: WebSocket, client: Client, node: Node, expiry: _Expir
             client.send(PONG)
         elif frame.type == "auth":
             expiry.refresh(frame.token)
+        elif frame.type == "push":
+            client.send(await _register_push(pushes, client, frame))
         elif frame.type == "ack":
             metrics.bad_frames.inc()
             client.send(error_frame("bad_frame", "ack needs a non-negative integer seq"))
         else:
             metrics.bad_frames.inc()
             client.send(error_frame("bad_frame", f"unknown frame type {frame.type!r}"))
+
+
+async def _register_push(pushes: PushStore, client: Client, frame: InFrame) -> str:
+    """``push``: store the device's push address; answers the frame to send back."""
+    problem = push_address_problem(frame.provider, frame.token)
+    if problem is not None:
+        return error_frame("bad_frame", problem)
+    assert frame.provider is not None and frame.token is not None
+    try:
+        await pushes.register(client.user, client.device, frame.provider, frame.token, now_ms())
+    except LedgerUnavailable as exc:
+        log.warning("push address of %s/%s not stored: %s", client.user, client.device, exc)
+        return error_frame("push_unavailable", "the push address could not be stored; send again")
+    log.info(
+        "push address of %s/%s set (%s, %s)",
+        client.user,
+        client.device,
+        frame.provider,
+        token_hint(frame.token),
+    )
+    return PUSH_OK
 
 
 def _allowed(client: Client) -> bool:

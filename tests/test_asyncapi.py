@@ -16,8 +16,8 @@ from models.ledger import StoredEvent, migrate
 from tests.harness import CheckedConnection, Device, ServerProcess, unique
 from tests.specs import ROOT, FrameMismatch, asyncapi, check_frame, frame_schemas, resolve
 
-SERVER_TYPES = {"hello", "event", "pong", "error", "auth_ok"}
-DEVICE_TYPES = {"ack", "ping", "auth"}
+SERVER_TYPES = {"hello", "event", "pong", "error", "auth_ok", "push_ok"}
+DEVICE_TYPES = {"ack", "ping", "auth", "push"}
 
 
 @pytest.mark.parametrize("name", sorted(asyncapi()["components"]["schemas"]))

@@ -38,6 +38,7 @@ def upgrade() -> None:
         sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
         sa.Column("next_at", sa.BigInteger, nullable=False),
         sa.Column("claimed_until", sa.BigInteger, nullable=True),
+        sa.Column("claimed_by", sa.String(64), nullable=True),
         sa.Column("decided_at", sa.BigInteger, nullable=False),
         sa.Column("done_at", sa.BigInteger, nullable=True),
         sa.Column("reason", sa.String(64), nullable=True),
