@@ -14,8 +14,8 @@ $(BIN)/courier: pyproject.toml
 	$(PIP) install -e .
 	touch $@
 
-$(VENV)/.dev: $(BIN)/courier pyproject.toml
-	$(PIP) install -e '.[dev]'
+$(VENV)/.dev: $(BIN)/courier pyproject.toml clients/python/pyproject.toml
+	$(PIP) install -e '.[dev]' -e './clients/python[redis]'
 	touch $@
 
 run: $(BIN)/courier

@@ -205,7 +205,14 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from channels.publisher import Publisher, PublishError
+    try:
+        from courier_publisher import Publisher, PublishError, RetryPolicy
+    except ImportError:
+        print(
+            "courier: publish needs the publisher package: pip install ./clients/python",
+            file=sys.stderr,
+        )
+        return 2
 
     settings = _settings()
     try:
@@ -214,7 +221,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
         print(f"courier: --data is not JSON: {exc}", file=sys.stderr)
         return 2
     key = args.key or settings.api_keys[0]
-    with Publisher(_base_url(settings, args.url), key, retries=args.retries) as publisher:
+    retry = RetryPolicy(retries=args.retries)
+    with Publisher(_base_url(settings, args.url), key, retry=retry) as publisher:
         try:
             result = publisher.publish(
                 args.user,
@@ -406,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--url", default=None, help=_URL_HELP)
     p.add_argument("--key", default=None, help="publisher key (default: first of COURIER_API_KEYS)")
-    p.add_argument("--retries", type=int, default=4, help="retries on 502/503/504 (default 4)")
+    p.add_argument("--retries", type=int, default=4, help="retries on 429/502/503/504 (default 4)")
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("listen", help="connect as a device, print events and ack them")

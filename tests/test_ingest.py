@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from courier_publisher import AsyncStreamPublisher
 
 from channels.broker import MemoryBroker, user_channel
 from channels.ingest import StreamConsumer
 from channels.metrics import Metrics
 from channels.node import Node, NodeConfig
-from channels.publisher import AsyncStreamPublisher
 from models.ledger import Ledger, StoredEvent
 from server.api import parse_event
 from server.services import Limits

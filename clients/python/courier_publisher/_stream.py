@@ -1,0 +1,139 @@
+"""Publishing over the Redis ingest stream (``XADD courier:ingest``), for backends that
+already use Redis: ``StreamPublisher`` (sync) and ``AsyncStreamPublisher``. Needs the
+``redis`` extra (``pip install 'courier-publisher[redis]'``).
+
+The event is durable in Redis when ``publish`` returns; a Courier node records it shortly
+after (and acknowledges the entry only once it is committed). The ``id`` is set before the
+first attempt, so a retried XADD cannot record the event twice. ``publish`` answers the
+event's id: its ``seq`` is given later, by the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from courier_publisher._events import PublishError, event
+from courier_publisher._retry import RetryPolicy
+
+INGEST_STREAM = "courier:ingest"
+
+
+def _fields(body: Any) -> dict[str, str]:
+    return {"event": json.dumps(body, separators=(",", ":"))}
+
+
+def _redis_errors() -> tuple[type[Exception], ...]:
+    import redis
+
+    return (redis.ConnectionError, redis.TimeoutError)
+
+
+class StreamPublisher:
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        stream: str = INGEST_STREAM,
+        timeout: float = 5.0,
+        retry: RetryPolicy | None = None,
+        maxlen: int | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        import redis
+
+        self._redis = redis.Redis.from_url(
+            redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        self.stream = stream
+        self.retry = retry or RetryPolicy()
+        self.maxlen = maxlen
+        self._sleep = sleep
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def __enter__(self) -> StreamPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def publish(
+        self, user: str, kind: str, data: dict[str, Any] | None = None, **options: Any
+    ) -> str:
+        body = event(user, kind, data, **options)
+        self._xadd(body)
+        return str(body["id"])
+
+    def _xadd(self, body: Any) -> None:
+        tries, errors = self.retry.tries(), _redis_errors()
+        while True:
+            try:
+                self._redis.xadd(self.stream, _fields(body), maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+                return
+            except errors as exc:
+                wait = tries.again(True)
+                if wait is None:
+                    raise PublishError(f"redis unreachable: {exc}") from exc
+            self._sleep(wait)
+
+
+class AsyncStreamPublisher:
+    """The asyncio twin of :class:`StreamPublisher`; use ``async with`` or :meth:`aclose`."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        stream: str = INGEST_STREAM,
+        timeout: float = 5.0,
+        retry: RetryPolicy | None = None,
+        maxlen: int | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        import redis.asyncio
+
+        self._redis = redis.asyncio.Redis.from_url(
+            redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        self.stream = stream
+        self.retry = retry or RetryPolicy()
+        self.maxlen = maxlen
+        self._sleep = sleep
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+    async def __aenter__(self) -> AsyncStreamPublisher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def publish(
+        self, user: str, kind: str, data: dict[str, Any] | None = None, **options: Any
+    ) -> str:
+        body = event(user, kind, data, **options)
+        await self._xadd(body)
+        return str(body["id"])
+
+    async def _xadd(self, body: Any) -> None:
+        tries, errors = self.retry.tries(), _redis_errors()
+        while True:
+            try:
+                await self._redis.xadd(
+                    self.stream,
+                    _fields(body),  # type: ignore[arg-type]
+                    maxlen=self.maxlen,
+                    approximate=True,
+                )
+                return
+            except errors as exc:
+                wait = tries.again(True)
+                if wait is None:
+                    raise PublishError(f"redis unreachable: {exc}") from exc
+            await self._sleep(wait)
