@@ -23,7 +23,7 @@ from sqlalchemy import and_, delete, or_, select, text, update
 from models.ledger import Ledger
 from models.tables import push_registrations, push_scan, pushes
 
-SCAN_OVERLAP_MS = 30_000
+SCAN_OVERLAP_MS = 5_000
 """Each scan looks this far behind the previous one, so that an event committed late (its
 ``push_at`` was already behind the scan mark) is still decided; the primary key keeps a
 re-scanned decision single."""

@@ -18,6 +18,7 @@ from channels.broker import Broker, MemoryBroker
 from channels.metrics import Metrics
 from channels.node import Node, NodeConfig
 from channels.presence import LocalPresence, Presence
+from channels.pushing import PushDispatcher
 from models.ledger import DeviceLimit, Ledger, LedgerUnavailable, head_revision
 from models.pushes import PushStore
 from server import api, openapi, ops, transport, websocket
@@ -155,6 +156,35 @@ async def start_redis_services(
     return stops
 
 
+def build_dispatcher(
+    settings: Settings, store: PushStore, metrics: Metrics
+) -> PushDispatcher | None:
+    """The push fallback, when a provider is configured (FCM or a webhook)."""
+    from channels.push import FcmSender, PushSender, WebhookSender
+
+    sender: PushSender
+    if settings.fcm_credentials:
+        sender = FcmSender(
+            settings.fcm_credentials,
+            project=settings.fcm_project,
+            endpoint=settings.fcm_endpoint,
+            token_uri=settings.fcm_token_uri,
+            high_priority_kinds=settings.push_high_priority_kinds,
+        )
+    elif settings.push_webhook_url and settings.push_webhook_secret:
+        sender = WebhookSender(settings.push_webhook_url, settings.push_webhook_secret)
+    else:
+        return None
+    log.info("push fallback on: %s, after %ds", sender.name, settings.push_after_seconds)
+    return PushDispatcher(
+        store,
+        sender,
+        metrics,
+        claim_seconds=settings.push_claim_seconds,
+        high_priority_kinds=settings.push_high_priority_kinds,
+    )
+
+
 def create_app(settings: Settings) -> Starlette:
     auth = Auth(settings)
 
@@ -185,6 +215,9 @@ def create_app(settings: Settings) -> Starlette:
             guard=Guard(settings, metrics),
             pushes=PushStore(ledger),
         )
+        dispatcher = build_dispatcher(settings, app.state.services.pushes, metrics)
+        if dispatcher is not None:
+            dispatcher.start()
 
         drain = DrainOnTerm(node, settings.drain_batch, settings.drain_seconds)
         drain.install()
@@ -204,6 +237,8 @@ def create_app(settings: Settings) -> Starlette:
             yield
         finally:
             drain.uninstall()
+            if dispatcher is not None:
+                await dispatcher.stop()
             for stop in redis_stops:  # the ingest consumer first: nothing new while draining
                 await stop()
             await node.drain(seconds=min(settings.drain_seconds, 2.0))

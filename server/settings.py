@@ -165,7 +165,7 @@ class Settings:
             presence_seconds=r.number("COURIER_PRESENCE_SECONDS", 2.0, 0.05, 60.0),
             push_after_seconds=r.integer("COURIER_PUSH_AFTER_SECONDS", 10, 0, 7 * 86400),
             push_claim_seconds=r.number("COURIER_PUSH_CLAIM_SECONDS", 30.0, 0.5, 3600.0),
-            fcm_credentials=r.text("COURIER_FCM_CREDENTIALS"),
+            fcm_credentials=_fcm_credentials(r.text("COURIER_FCM_CREDENTIALS")),
             fcm_project=r.text("COURIER_FCM_PROJECT"),
             fcm_endpoint=(r.text("COURIER_FCM_ENDPOINT") or "https://fcm.googleapis.com").rstrip(
                 "/"
@@ -323,6 +323,24 @@ def _origins(raw: str | None) -> tuple[str, ...]:
             )
         found.append(item)
     return tuple(found)
+
+
+def _fcm_credentials(raw: str | None) -> str | None:
+    """``COURIER_FCM_CREDENTIALS``: a service-account JSON key, its text or its path."""
+    if raw is None:
+        return None
+    from channels.push.fcm import load_credentials
+
+    try:
+        info = load_credentials(raw)
+    except (OSError, ValueError) as exc:
+        raise SettingsError(
+            f"COURIER_FCM_CREDENTIALS must be a service-account JSON key or its path: {exc}"
+        ) from None
+    for name in ("client_email", "private_key", "token_uri"):
+        if not isinstance(info.get(name), str):
+            raise SettingsError(f"COURIER_FCM_CREDENTIALS: the key has no {name}")
+    return raw
 
 
 def _http_url(raw: str | None) -> str | None:

@@ -217,9 +217,12 @@ def test_web_concurrency_without_redis_runs_one_process(tmp_path: Path) -> None:
 
 def test_make_run_installs_the_server_alone_and_quietly(tmp_path: Path) -> None:
     venv = tmp_path / "fresh-venv"
+    # Not as a sub-make of `make test`: no "Entering directory" lines, no inherited flags.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     planned = subprocess.run(
-        ["make", "-n", "run", f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True, timeout=30
-    )
+        ["make", "--no-print-directory", "-n", "run", f"VENV={venv}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
     assert planned.returncode == 0, planned.stderr
     installs = [line for line in planned.stdout.splitlines() if " install " in line]
     assert installs and all("--quiet --quiet" in line for line in installs), installs

@@ -147,7 +147,7 @@ async def test_expired_events_are_not_delivered(server: ServerProcess) -> None:
     event = await phone.event()
     assert event["id"] == kept["id"] and event["expires_at"] is not None
     state = (await server.get(f"/v1/events/{short['id']}")).json()
-    assert state["deliveries"] == [{"device": "p", "status": "expired"}]
+    assert state["deliveries"] == [{"device": "p", "status": "expired", "push": None}]
     await phone.close()
 
 

@@ -57,8 +57,9 @@ FUZZ = settings(
 RSS_GROWTH_LIMIT = 96 * 1024 * 1024
 """Bytes the server may grow by over one class of inputs (caches, pools, allocator slack)."""
 
-SERVER_FRAME_TYPES = {"hello", "event", "pong", "error"}
-DEVICE_CLOSE_CODES = {1000, 1007, 1008, 1009, 4029}
+SERVER_FRAME_TYPES = {"hello", "event", "pong", "error", "auth_ok", "push_ok"}
+DEVICE_CLOSE_CODES = {1000, 1007, 1008, 1009, 4029, 4001}
+"""4001: an in-band ``auth`` whose token fails its checks closes the connection."""
 HANDSHAKE_STATUSES = {400, 401, 403, 429}
 PUBLISH_STATUSES = {200, 201, 400, 409, 413, 415, 422}
 
