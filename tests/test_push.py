@@ -367,3 +367,49 @@ def test_a_quiet_provider_is_retried_without_raising() -> None:
         return f"{outcome.status}:{outcome.reason}"
 
     assert asyncio.run(go()) == "retry:connect_error"
+
+
+async def test_fcm_sender_shapes_messages_and_reads_every_answer(fake: FakeGoogle) -> None:
+    """The sender alone against the fake: payload rules, token reuse, answer mapping."""
+    from channels.push import FcmSender, retry_delay
+    from channels.push.fcm import MAX_DATA_BYTES
+
+    sender = FcmSender(fake.service_account(), endpoint=fake.url)
+    now = int(time.time() * 1000)
+
+    def message(token: str, data: str = "{}", **kw: Any) -> PushMessage:
+        fields: dict[str, Any] = {
+            "user": "u", "device": "d", "provider": "fcm", "token": token, "event_id": "e1",
+            "seq": 5, "kind": "plan.changed", "data": data, "created_at": now,
+            "expires_at": None, "collapse": None, "notification": None, "high_priority": False,
+        }  # fmt: skip
+        return PushMessage(**{**fields, **kw})
+
+    fetched = fake.token_fetches
+    big = json.dumps({"blob": "x" * MAX_DATA_BYTES})
+    outcomes = [
+        await sender.send(message(f"ok-{unique()}", collapse="plan", expires_at=now + 42_500), now),
+        await sender.send(message(f"ok-{unique()}", data=big), now),
+        await sender.send(message(f"bad-{unique()}"), now),
+        await sender.send(message(f"gone-{unique()}"), now),
+        await sender.send(message(f"down-{unique()}"), now),
+        await sender.send(message(f"ok-{unique()}", expires_at=now - 1), now),
+        await sender.send(message(f"ok-{unique()}", provider="apns"), now),
+    ]
+    await sender.aclose()
+    assert [(o.status, o.reason) for o in outcomes] == [
+        ("sent", "ok"),
+        ("sent", "ok"),
+        ("unregistered", "INVALID_ARGUMENT"),
+        ("unregistered", "UNREGISTERED"),
+        ("retry", "INTERNAL"),
+        ("failed", "expired"),
+        ("failed", "unsupported_provider"),
+    ]
+    assert fake.token_fetches == fetched + 1  # one access token for every send
+    keyed, large = (r.message for r in fake.received[-5:-3])
+    assert keyed["android"] == {"priority": "NORMAL", "collapse_key": "plan", "ttl": "42s"}
+    assert keyed["data"]["collapse"] == "plan" and "notification" not in keyed
+    assert "data" not in large["data"] and large["data"]["id"] == "e1"  # over 4 KB: fetch it
+    assert len(json.dumps(large["data"]).encode()) <= MAX_DATA_BYTES
+    assert retry_delay(1, 30.0) == 30.0 and 0 <= retry_delay(3) <= 8
