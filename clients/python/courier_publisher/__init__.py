@@ -16,7 +16,7 @@ from courier_publisher._http import AsyncPublisher, Publisher
 from courier_publisher._retry import RETRY_STATUSES, RetryPolicy, retry_after
 from courier_publisher._stream import INGEST_STREAM, AsyncStreamPublisher, StreamPublisher
 
-__version__ = "0.2.0"
+__version__ = "0.1.0"
 __all__ = [
     "INGEST_STREAM",
     "RETRY_STATUSES",
