@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import httpx
 
 from courier_publisher._events import PublishError, PublishResult, event, with_ids
-from courier_publisher._retry import RetryPolicy, retry_after
+from courier_publisher._retry import RetryPolicy
 
 PATH = "/v1/events"
+ERRORS = (httpx.TransportError,)
+"""Connection errors and timeouts: no answer, always worth another attempt."""
 
 
-def _retryable(outcome: httpx.Response | httpx.TransportError, policy: RetryPolicy) -> bool:
-    return isinstance(outcome, httpx.TransportError) or outcome.status_code in policy.statuses
+def _again(policy: RetryPolicy) -> Callable[[httpx.Response], float | None]:
+    """Whether an answer is worth another attempt, and the least wait it asks for."""
 
+    def again(response: httpx.Response) -> float | None:
+        if response.status_code not in policy.statuses:
+            return None
+        return policy.retry_after(response.headers.get("retry-after"))
 
-def _wait_hint(outcome: httpx.Response | httpx.TransportError) -> float | None:
-    if isinstance(outcome, httpx.Response):
-        return retry_after(outcome.headers.get("retry-after"))
-    return None
+    return again
 
 
 def _results(outcome: httpx.Response | httpx.TransportError, many: bool) -> list[PublishResult]:
@@ -70,11 +72,9 @@ class Publisher:
         timeout: float = 5.0,
         retry: RetryPolicy | None = None,
         transport: httpx.BaseTransport | None = None,
-        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._client = httpx.Client(**_client_args(url, api_key, timeout), transport=transport)
         self.retry = retry or RetryPolicy()
-        self._sleep = sleep
 
     def close(self) -> None:
         self._client.close()
@@ -97,17 +97,10 @@ class Publisher:
         return self._post(with_ids(events), many=True)
 
     def _post(self, body: Any, many: bool) -> list[PublishResult]:
-        tries = self.retry.tries()
-        while True:
-            outcome: httpx.Response | httpx.TransportError
-            try:
-                outcome = self._client.post(PATH, json=body)
-            except httpx.TransportError as exc:
-                outcome = exc
-            wait = tries.again(_retryable(outcome, self.retry), _wait_hint(outcome))
-            if wait is None:
-                return _results(outcome, many)
-            self._sleep(wait)
+        post = self.retry.call(
+            partial(self._client.post, PATH, json=body), _again(self.retry), ERRORS
+        )
+        return _results(post, many)
 
 
 class AsyncPublisher:
@@ -121,11 +114,9 @@ class AsyncPublisher:
         timeout: float = 5.0,
         retry: RetryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._client = httpx.AsyncClient(**_client_args(url, api_key, timeout), transport=transport)
         self.retry = retry or RetryPolicy()
-        self._sleep = sleep
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -145,14 +136,7 @@ class AsyncPublisher:
         return await self._post(with_ids(events), many=True)
 
     async def _post(self, body: Any, many: bool) -> list[PublishResult]:
-        tries = self.retry.tries()
-        while True:
-            outcome: httpx.Response | httpx.TransportError
-            try:
-                outcome = await self._client.post(PATH, json=body)
-            except httpx.TransportError as exc:
-                outcome = exc
-            wait = tries.again(_retryable(outcome, self.retry), _wait_hint(outcome))
-            if wait is None:
-                return _results(outcome, many)
-            await self._sleep(wait)
+        post = self.retry.acall(
+            partial(self._client.post, PATH, json=body), _again(self.retry), ERRORS
+        )
+        return _results(await post, many)

@@ -10,20 +10,26 @@ event's id: its ``seq`` is given later, by the node.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from courier_publisher._events import PublishError, event
-from courier_publisher._retry import RetryPolicy
+from courier_publisher._retry import RetryPolicy, final
+
+if TYPE_CHECKING:
+    from redis.typing import EncodableT, FieldT
 
 INGEST_STREAM = "courier:ingest"
 
 
-def _fields(body: Any) -> dict[str, str]:
+def _fields(body: Any) -> dict[FieldT, EncodableT]:
     return {"event": json.dumps(body, separators=(",", ":"))}
+
+
+def _raise_if_error(outcome: object) -> None:
+    if isinstance(outcome, Exception):
+        raise PublishError(f"redis unreachable: {outcome}") from outcome
 
 
 def _redis_errors() -> tuple[type[Exception], ...]:
@@ -33,6 +39,8 @@ def _redis_errors() -> tuple[type[Exception], ...]:
 
 
 class StreamPublisher:
+    """Synchronous stream publisher: ``publish`` returns once Redis has the entry."""
+
     def __init__(
         self,
         redis_url: str,
@@ -41,7 +49,6 @@ class StreamPublisher:
         timeout: float = 5.0,
         retry: RetryPolicy | None = None,
         maxlen: int | None = None,
-        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         import redis
 
@@ -51,7 +58,6 @@ class StreamPublisher:
         self.stream = stream
         self.retry = retry or RetryPolicy()
         self.maxlen = maxlen
-        self._sleep = sleep
 
     def close(self) -> None:
         self._redis.close()
@@ -66,20 +72,9 @@ class StreamPublisher:
         self, user: str, kind: str, data: dict[str, Any] | None = None, **options: Any
     ) -> str:
         body = event(user, kind, data, **options)
-        self._xadd(body)
+        add = partial(self._redis.xadd, self.stream, _fields(body), maxlen=self.maxlen)
+        _raise_if_error(self.retry.call(add, final, _redis_errors()))
         return str(body["id"])
-
-    def _xadd(self, body: Any) -> None:
-        tries, errors = self.retry.tries(), _redis_errors()
-        while True:
-            try:
-                self._redis.xadd(self.stream, _fields(body), maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
-                return
-            except errors as exc:
-                wait = tries.again(True)
-                if wait is None:
-                    raise PublishError(f"redis unreachable: {exc}") from exc
-            self._sleep(wait)
 
 
 class AsyncStreamPublisher:
@@ -93,7 +88,6 @@ class AsyncStreamPublisher:
         timeout: float = 5.0,
         retry: RetryPolicy | None = None,
         maxlen: int | None = None,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         import redis.asyncio
 
@@ -103,7 +97,6 @@ class AsyncStreamPublisher:
         self.stream = stream
         self.retry = retry or RetryPolicy()
         self.maxlen = maxlen
-        self._sleep = sleep
 
     async def aclose(self) -> None:
         await self._redis.aclose()
@@ -118,22 +111,6 @@ class AsyncStreamPublisher:
         self, user: str, kind: str, data: dict[str, Any] | None = None, **options: Any
     ) -> str:
         body = event(user, kind, data, **options)
-        await self._xadd(body)
+        add = partial(self._redis.xadd, self.stream, _fields(body), maxlen=self.maxlen)
+        _raise_if_error(await self.retry.acall(add, final, _redis_errors()))
         return str(body["id"])
-
-    async def _xadd(self, body: Any) -> None:
-        tries, errors = self.retry.tries(), _redis_errors()
-        while True:
-            try:
-                await self._redis.xadd(
-                    self.stream,
-                    _fields(body),  # type: ignore[arg-type]
-                    maxlen=self.maxlen,
-                    approximate=True,
-                )
-                return
-            except errors as exc:
-                wait = tries.again(True)
-                if wait is None:
-                    raise PublishError(f"redis unreachable: {exc}") from exc
-            await self._sleep(wait)
