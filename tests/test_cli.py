@@ -14,7 +14,7 @@ import pytest
 
 from models.ledger import head_revision
 from server import __version__
-from server.cli import build_parser
+from server.cli import build_parser, main
 from tests.harness import API_KEY, JWT_SECRET, OPS_TOKEN, ROOT, ServerProcess, token, unique
 
 pytestmark = pytest.mark.e2e
@@ -230,3 +230,14 @@ def test_make_run_installs_the_server_alone_and_quietly(tmp_path: Path) -> None:
     assert not any("dev]" in line or "clients/" in line for line in installs), installs
     steps = planned.stdout.splitlines()
     assert steps[-2:] == [f"{venv}/bin/courier migrate", f"{venv}/bin/courier serve"]
+
+
+def test_publish_without_the_publisher_package_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "courier_publisher", None)  # as if not installed
+    assert main(["publish", "--user", "u1", "--kind", "k"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "courier: publish needs the publisher package: pip install ./clients/python"
+    ]
