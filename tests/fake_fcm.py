@@ -9,14 +9,24 @@ grant and checks its assertion: the signature with the service account's public 
 * ``gone-…``: 404 with the FcmError ``UNREGISTERED``
 * ``bad-…``: 400 with the FcmError ``INVALID_ARGUMENT``
 * ``busy-…``: 429 ``QUOTA_EXCEEDED`` with ``Retry-After: 2`` the first time, then 200
+* ``unavail-…``: 503 ``UNAVAILABLE`` with ``Retry-After`` as an HTTP date two minutes on
 * ``down-…``: 500 ``INTERNAL`` every time
+* ``denied-…``: 403 ``PERMISSION_DENIED`` with the FcmError ``SENDER_ID_MISMATCH``
 * ``slow-…``: answers 200 after ``slow_seconds``
 * ``hang-…``: never answers (until the server stops)
+
+* ``badfield-…``: 400 ``INVALID_ARGUMENT`` naming a payload field (``message.android.ttl``)
+
+A bearer token it did not issue (or revoked by :meth:`revoke`) is answered 401
+``UNAUTHENTICATED``. A message that breaks FCM's shape (data values not strings, unknown
+fields, a priority or ttl FCM would refuse) is answered 400 ``INVALID_ARGUMENT`` naming the
+field, and noted in ``problems``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import threading
 import time
@@ -26,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
-import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.applications import Starlette
@@ -34,7 +43,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tests.harness import free_port
+from tests.harness import ThreadServer, free_port
 
 PROJECT = "courier-test"
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
@@ -58,6 +67,10 @@ class FakeGoogle:
     slow_seconds: float = 3.0
     hang_all: bool = False
     """Never answer any send: a provider that takes a request and then nothing."""
+    expires_in: int = 3600
+    """The lifetime of the access tokens it issues."""
+    refuse_grants: bool = False
+    """Answer every token request ``invalid_grant`` (a deleted or disabled key)."""
     received: list[Received] = field(default_factory=list)
     token_fetches: int = 0
     tokens: set[str] = field(default_factory=set)
@@ -105,10 +118,20 @@ class FakeGoogle:
         with self._lock:
             return [r for r in self.received if r.message.get("token") == token]
 
+    def revoke(self) -> None:
+        """Forget the access tokens issued so far: their next use is answered 401."""
+        with self._lock:
+            self.tokens.clear()
+
     # -- the endpoints ------------------------------------------------------------------------
 
     async def _token(self, request: Request) -> JSONResponse:
         form = {k: v[0] for k, v in urllib.parse.parse_qs((await request.body()).decode()).items()}
+        if self.refuse_grants:
+            return JSONResponse(
+                {"error": "invalid_grant", "error_description": "Invalid JWT Signature."},
+                status_code=400,
+            )
         if form.get("grant_type") != "urn:ietf:params:oauth:grant-type:jwt-bearer":
             return JSONResponse({"error": "unsupported_grant_type"}, status_code=400)
         try:
@@ -128,15 +151,23 @@ class FakeGoogle:
         with self._lock:
             self.token_fetches += 1
             self.tokens.add(token)
-        return JSONResponse({"access_token": token, "expires_in": 3600, "token_type": "Bearer"})
+        return JSONResponse(
+            {"access_token": token, "expires_in": self.expires_in, "token_type": "Bearer"}
+        )
 
     async def _send(self, request: Request) -> JSONResponse:
         if request.path_params["project"] != PROJECT:
             return _fcm_error(404, "NOT_FOUND", None)
         bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
-        if bearer not in self.tokens:
-            return _fcm_error(401, "UNAUTHENTICATED", "THIRD_PARTY_AUTH_ERROR")
+        with self._lock:
+            known = bearer in self.tokens
+        if not known:
+            return _fcm_error(401, "UNAUTHENTICATED", None)
         message = (await request.json())["message"]
+        wrong = _shape_problem(message)
+        if wrong is not None:
+            self.problems.append(f"FCM would refuse {wrong}: {message}")
+            return _fcm_error(400, "INVALID_ARGUMENT", "INVALID_ARGUMENT", field=wrong)
         record = Received(time.time(), message)
         with self._lock:
             self.received.append(record)
@@ -145,13 +176,18 @@ class FakeGoogle:
             seen = self._seen[token]
         kind = token.split("-", 1)[0]
         if kind == "hang" or self.hang_all:
-            await asyncio.Event().wait()
+            await self._server.hold()
         if kind == "slow":
             await asyncio.sleep(self.slow_seconds)
         answer = {
             "gone": lambda: _fcm_error(404, "NOT_FOUND", "UNREGISTERED"),
             "bad": lambda: _fcm_error(400, "INVALID_ARGUMENT", "INVALID_ARGUMENT"),
             "down": lambda: _fcm_error(500, "INTERNAL", "INTERNAL"),
+            "badfield": lambda: _fcm_error(
+                400, "INVALID_ARGUMENT", "INVALID_ARGUMENT", field="message.android.ttl"
+            ),
+            "denied": lambda: _fcm_error(403, "PERMISSION_DENIED", "SENDER_ID_MISMATCH"),
+            "unavail": lambda: _fcm_error(503, "UNAVAILABLE", "UNAVAILABLE", _http_date(120)),
             "busy": lambda: (
                 _fcm_error(429, "RESOURCE_EXHAUSTED", "QUOTA_EXCEEDED", "2") if seen == 1 else None
             ),
@@ -171,33 +207,57 @@ class FakeGoogle:
                 Route("/v1/projects/{project}/messages:send", self._send, methods=["POST"]),
             ]
         )
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the fake FCM server did not start")
-            time.sleep(0.01)  # the server thread has no other readiness signal
+        self._server = ThreadServer(app, self.port)
         return self
 
     def stop(self) -> None:
-        self._server.should_exit = True
-        self._server.force_exit = True  # hanging requests: do not wait for them
-        self._thread.join(10)
+        self._server.stop()
+
+
+def _http_date(seconds_on: float) -> str:
+    return email.utils.formatdate(time.time() + seconds_on, usegmt=True)
+
+
+def _shape_problem(message: Any) -> str | None:
+    """The first field of an FCM v1 message that FCM would refuse, or None."""
+    if not isinstance(message, dict) or not isinstance(message.get("token"), str):
+        return "message.token"
+    for name in set(message) - {"token", "data", "android", "notification"}:
+        return f"message.{name}"
+    data = message.get("data", {})
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        return "message.data"
+    android = message.get("android", {})
+    if not isinstance(android, dict) or set(android) - {"priority", "collapse_key", "ttl"}:
+        return "message.android"
+    if android.get("priority", "NORMAL") not in ("NORMAL", "HIGH"):
+        return "message.android.priority"
+    ttl = android.get("ttl", "0s")
+    if not (isinstance(ttl, str) and ttl.endswith("s") and ttl[:-1].isdigit()):
+        return "message.android.ttl"
+    note = message.get("notification", {})
+    if not isinstance(note, dict) or set(note) - {"title", "body", "image"}:
+        return "message.notification"
+    return None
 
 
 def _fcm_error(
-    status: int, state: str, error_code: str | None, retry_after: str | None = None
+    status: int,
+    state: str,
+    error_code: str | None,
+    retry_after: str | None = None,
+    field: str | None = None,
 ) -> JSONResponse:
-    details = (
+    details: list[dict[str, Any]] = (
         [{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError", "errorCode": error_code}]
         if error_code
         else []
     )
+    if field is not None:
+        violation = {"field": field, "description": f"Invalid value at '{field}'"}
+        details.append(
+            {"@type": "type.googleapis.com/google.rpc.BadRequest", "fieldViolations": [violation]}
+        )
     body = {
         "error": {"code": status, "message": state.lower(), "status": state, "details": details}
     }

@@ -39,6 +39,59 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class ThreadServer:
+    """An ASGI app served by uvicorn in a thread of its own on 127.0.0.1.
+
+    The socket listens before uvicorn runs, so the port takes connections from the moment
+    this object exists (they wait in the backlog): there is nothing to wait for. A handler
+    that must not answer awaits :meth:`hold`; :meth:`stop` lets those go first.
+    """
+
+    def __init__(self, app: Any, port: int = 0) -> None:
+        import threading
+
+        import uvicorn
+
+        self.socket = socket.socket()
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind(("127.0.0.1", port))
+        self.socket.listen(128)
+        self.port = int(self.socket.getsockname()[1])
+        self._held: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._released = False
+        self._lock = threading.Lock()
+        config = uvicorn.Config(app, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True
+        )
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def hold(self) -> None:
+        """In a handler: wait until the server stops (a request never answered)."""
+        event = asyncio.Event()
+        with self._lock:
+            if self._released:
+                return
+            self._held.append((asyncio.get_running_loop(), event))
+        await event.wait()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._released, held, self._held = True, self._held, []
+        for loop, event in held:
+            loop.call_soon_threadsafe(event.set)
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.socket.close()
+        if self.thread.is_alive():
+            raise RuntimeError("the test server's thread did not stop")
+
+
 def unique(prefix: str = "u") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 

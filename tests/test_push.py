@@ -1,21 +1,18 @@
 """The push fallback against a fake FCM (and its OAuth token endpoint) on a real port:
-real server processes on PostgreSQL, real devices, and the webhook's signature."""
+real server processes on PostgreSQL and real devices. The senders alone (message shapes,
+answers, the webhook's signature) are in test_push_senders.py."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from channels.push import PushMessage, WebhookSender, verify_webhook
 from tests.conftest import fresh_postgres
 from tests.fake_fcm import PROJECT, FakeGoogle
 from tests.harness import API_KEY, Device, ServerProcess, unique, until
@@ -265,151 +262,3 @@ async def test_one_push_per_event_and_device_when_a_node_dies_before_sending(
             server.kill()
         hanging.stop()
         google.stop()
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[tuple[str, list[tuple[dict[str, str], bytes]]]]:
-    """A webhook receiver on a real port, recording what it gets."""
-    import threading
-
-    import uvicorn
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import Response
-    from starlette.routing import Route
-
-    from tests.harness import free_port
-
-    got: list[tuple[dict[str, str], bytes]] = []
-
-    async def hook(request: Request) -> Response:
-        got.append((dict(request.headers), await request.body()))
-        return Response(status_code=204)
-
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            Starlette(routes=[Route("/hook", hook, methods=["POST"])]),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-            lifespan="off",
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    await until(lambda: _started(server))
-    yield f"http://127.0.0.1:{port}/hook", got
-    server.should_exit = True
-    thread.join(10)
-
-
-async def _started(server: Any) -> bool:
-    return bool(server.started)
-
-
-async def test_the_webhook_is_signed_so_a_receiver_can_check_it(
-    receiver: tuple[str, list[tuple[dict[str, str], bytes]]],
-) -> None:
-    url, got = receiver
-    secret = "whsec-" + unique()
-    sender = WebhookSender(url, secret)
-    message = PushMessage(
-        user="u1", device="p", provider="apns", token="apns-token", event_id="grab-1", seq=42,
-        kind="block.grabbed", data='{"block_id":"B9"}', created_at=1_763_800_000_123,
-        expires_at=None, collapse=None, notification={"title": "t"}, high_priority=True,
-    )  # fmt: skip
-    now_ms = int(time.time() * 1000)
-    outcome = await sender.send(message, now_ms)
-    await sender.aclose()
-    assert outcome.status == "sent"
-    [(headers, body)] = got
-    # A receiver written from docs/push.md alone: HMAC-SHA256 over "<timestamp>.<body>".
-    timestamp = headers["courier-timestamp"]
-    expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
-    assert headers["courier-signature"] == f"v1={expected.hexdigest()}"
-    assert abs(int(timestamp) - now_ms / 1000) <= 1
-    payload = json.loads(body)
-    assert payload["event"] == {
-        "id": "grab-1",
-        "seq": 42,
-        "kind": "block.grabbed",
-        "data": {"block_id": "B9"},
-        "created_at": "2025-11-22T08:26:40.123Z",
-        "expires_at": None,
-        "collapse": None,
-    }
-    assert (payload["type"], payload["token"], payload["carried"]) == (
-        "courier.push",
-        "apns-token",
-        1,
-    )
-    signature, now = headers["courier-signature"], time.time()
-    assert verify_webhook(secret, timestamp, signature, body, now)
-    assert not verify_webhook(secret, timestamp, signature, body + b" ", now)  # altered
-    assert not verify_webhook(secret, timestamp, signature, body, now + 301)  # replayed late
-    assert not verify_webhook("other", timestamp, signature, body, now)
-
-
-def test_a_quiet_provider_is_retried_without_raising() -> None:
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
-
-    async def go() -> str:
-        sender = WebhookSender(
-            "http://hook.test/",
-            "s",
-            client=httpx.AsyncClient(transport=httpx.MockTransport(refuse)),
-        )
-        message = PushMessage("u", "d", "x", "t", "e", 1, "k", "{}", 0, None, None, None, False)
-        outcome = await sender.send(message, 0)
-        await sender.aclose()
-        return f"{outcome.status}:{outcome.reason}"
-
-    assert asyncio.run(go()) == "retry:connect_error"
-
-
-async def test_fcm_sender_shapes_messages_and_reads_every_answer(fake: FakeGoogle) -> None:
-    """The sender alone against the fake: payload rules, token reuse, answer mapping."""
-    from channels.push import FcmSender, retry_delay
-    from channels.push.fcm import MAX_DATA_BYTES
-
-    sender = FcmSender(fake.service_account(), endpoint=fake.url)
-    now = int(time.time() * 1000)
-
-    def message(token: str, data: str = "{}", **kw: Any) -> PushMessage:
-        fields: dict[str, Any] = {
-            "user": "u", "device": "d", "provider": "fcm", "token": token, "event_id": "e1",
-            "seq": 5, "kind": "plan.changed", "data": data, "created_at": now,
-            "expires_at": None, "collapse": None, "notification": None, "high_priority": False,
-        }  # fmt: skip
-        return PushMessage(**{**fields, **kw})
-
-    fetched = fake.token_fetches
-    big = json.dumps({"blob": "x" * MAX_DATA_BYTES})
-    outcomes = [
-        await sender.send(message(f"ok-{unique()}", collapse="plan", expires_at=now + 42_500), now),
-        await sender.send(message(f"ok-{unique()}", data=big), now),
-        await sender.send(message(f"bad-{unique()}"), now),
-        await sender.send(message(f"gone-{unique()}"), now),
-        await sender.send(message(f"down-{unique()}"), now),
-        await sender.send(message(f"ok-{unique()}", expires_at=now - 1), now),
-        await sender.send(message(f"ok-{unique()}", provider="apns"), now),
-    ]
-    await sender.aclose()
-    assert [(o.status, o.reason) for o in outcomes] == [
-        ("sent", "ok"),
-        ("sent", "ok"),
-        ("unregistered", "INVALID_ARGUMENT"),
-        ("unregistered", "UNREGISTERED"),
-        ("retry", "INTERNAL"),
-        ("failed", "expired"),
-        ("failed", "unsupported_provider"),
-    ]
-    assert fake.token_fetches == fetched + 1  # one access token for every send
-    keyed, large = (r.message for r in fake.received[-5:-3])
-    assert keyed["android"] == {"priority": "NORMAL", "collapse_key": "plan", "ttl": "42s"}
-    assert keyed["data"]["collapse"] == "plan" and "notification" not in keyed
-    assert "data" not in large["data"] and large["data"]["id"] == "e1"  # over 4 KB: fetch it
-    assert len(json.dumps(large["data"]).encode()) <= MAX_DATA_BYTES
-    assert retry_delay(1, 30.0) == 30.0 and 0 <= retry_delay(3) <= 8

@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 import calendar
 import json
+import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from channels.push.message import PushMessage, PushOutcome, network_outcome, retry_after_header
+
+log = logging.getLogger("courier.push")
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 MAX_DATA_BYTES = 4096
@@ -36,11 +40,30 @@ def fcm_error(body: Any) -> tuple[str | None, str | None]:
     if not isinstance(error, dict):
         return None, None
     status = error.get("status") if isinstance(error.get("status"), str) else None
-    for detail in error.get("details") or []:
-        if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("FcmError"):
-            code = detail.get("errorCode")
-            return (code if isinstance(code, str) else None), status
+    for detail in _details(error, "FcmError"):
+        code = detail.get("errorCode")
+        return (code if isinstance(code, str) else None), status
     return None, status
+
+
+def refused_fields(body: Any) -> set[str]:
+    """The message fields named by the ``google.rpc.BadRequest`` detail of an error answer."""
+    error = body.get("error") if isinstance(body, dict) else None
+    fields: set[str] = set()
+    for detail in _details(error, "BadRequest"):
+        for violation in detail.get("fieldViolations") or []:
+            if isinstance(violation, dict) and isinstance(violation.get("field"), str):
+                fields.add(violation["field"])
+    return fields
+
+
+def _details(error: Any, kind: str) -> list[dict[str, Any]]:
+    details = error.get("details") if isinstance(error, dict) else None
+    return [
+        d
+        for d in (details if isinstance(details, list) else [])
+        if isinstance(d, dict) and str(d.get("@type", "")).endswith(f".{kind}")
+    ]
 
 
 class FcmSender:
@@ -56,7 +79,10 @@ class FcmSender:
         high_priority_kinds: frozenset[str] = frozenset(),
         timeout: float = 10.0,
         client: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``timeout`` bounds each request to FCM (an injected ``client`` too); ``clock``
+        (Unix seconds) decides when the cached access token is due for a refresh."""
         from google.oauth2 import service_account
 
         info = load_credentials(credentials)
@@ -75,16 +101,21 @@ class FcmSender:
         self._token: str | None = None
         self._token_expires = 0.0
         self._refreshing = asyncio.Lock()
+        self._clock = clock
         self.token_fetches = 0
 
     async def _access_token(self) -> str:
-        if self._token is not None and time.time() < self._token_expires - REFRESH_MARGIN:
+        if self._fresh():
+            assert self._token is not None
             return self._token
         async with self._refreshing:  # one exchange at a time; the others wait for it
-            if self._token is None or time.time() >= self._token_expires - REFRESH_MARGIN:
+            if not self._fresh():
                 await asyncio.to_thread(self._refresh)
             assert self._token is not None
             return self._token
+
+    def _fresh(self) -> bool:
+        return self._token is not None and self._clock() < self._token_expires - REFRESH_MARGIN
 
     def _refresh(self) -> None:
         import google.auth.transport.requests
@@ -97,7 +128,7 @@ class FcmSender:
         self._token = str(self._credentials.token)
         expiry = self._credentials.expiry  # a naive datetime in UTC
         self._token_expires = (
-            float(calendar.timegm(expiry.timetuple())) if expiry else time.time() + 3600
+            float(calendar.timegm(expiry.timetuple())) if expiry else self._clock() + 3600
         )
 
     def payload(self, message: PushMessage, now_ms: int) -> dict[str, Any] | None:
@@ -135,10 +166,14 @@ class FcmSender:
         try:
             token = await self._access_token()
         except Exception as exc:  # google-auth raises its own errors, and requests' ones
-            return PushOutcome("retry", f"oauth_error: {type(exc).__name__}"[:64])
+            log.warning("FCM access token not had: %s: %s", type(exc).__name__, exc)
+            return PushOutcome("retry", "oauth_error")
         try:
             response = await self._client.post(
-                self.url, json=payload, headers={"Authorization": f"Bearer {token}"}
+                self.url,
+                json=payload,
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=self._timeout,
             )
         except httpx.HTTPError as exc:
             return network_outcome(exc)
@@ -155,9 +190,11 @@ class FcmSender:
             return PushOutcome("sent", "ok", message_id=name if isinstance(name, str) else None)
         error_code, status = fcm_error(body)
         reason = error_code or status or f"http_{code}"
-        if error_code in ("UNREGISTERED", "INVALID_ARGUMENT") or (
-            error_code is None and status in ("NOT_FOUND", "INVALID_ARGUMENT")
-        ):
+        if reason == "INVALID_ARGUMENT" and refused_fields(body) - {"message.token"}:
+            return PushOutcome("failed", reason)  # the payload, not the token: keep it
+        if error_code in ("UNREGISTERED", "INVALID_ARGUMENT"):
+            # Only FCM's own errorCode removes a registration: a bare 404 or 400 (a wrong
+            # project or endpoint, a proxy) says nothing about the device's token.
             return PushOutcome("unregistered", reason)
         if code in (429, 503):
             return PushOutcome("retry", reason, retry_after_header(response))

@@ -76,10 +76,14 @@ class WebhookSender:
     ) -> None:
         self.url = url
         self.secret = secret
+        self._timeout = timeout
         self._client = client or httpx.AsyncClient(timeout=timeout)
 
     async def send(self, message: PushMessage, now_ms: int) -> PushOutcome:
-        body = json.dumps(webhook_body(message), separators=(",", ":")).encode()
+        try:
+            body = json.dumps(webhook_body(message), separators=(",", ":")).encode()
+        except ValueError:  # the event's data is not JSON text: no request can carry it
+            return PushOutcome("failed", "invalid_data")
         timestamp = str(now_ms // 1000)
         headers = {
             "Content-Type": "application/json",
@@ -87,7 +91,9 @@ class WebhookSender:
             "Courier-Signature": webhook_signature(self.secret, timestamp, body),
         }
         try:
-            response = await self._client.post(self.url, content=body, headers=headers)
+            response = await self._client.post(
+                self.url, content=body, headers=headers, timeout=self._timeout
+            )
         except httpx.HTTPError as exc:
             return network_outcome(exc)
         code = response.status_code
