@@ -35,7 +35,10 @@ public final class CourierClient {
 
     /** Tunables; the defaults suit a phone. */
     public static final class Options {
+        /** A processed event is acked within this delay (acks are cumulative and coalesced)... */
         public long ackDelayMillis = 200;
+        /** ...or at once when this many processed events wait for their ack. */
+        public int ackEveryEvents = 50;
         public long pingIntervalMillis = 25_000;
         public long pongTimeoutMillis = 10_000;
         public long backoffBaseMillis = 500;
@@ -66,6 +69,8 @@ public final class CourierClient {
     private long openedAt;
     private long lastSeq = -1;
     private long ackedSeq = -1;
+    private long resumedFrom = -1;
+    private int unacked;
     private ScheduledFuture<?> ackTimer;
     private ScheduledFuture<?> pingTimer;
     private ScheduledFuture<?> pongDeadline;
@@ -150,13 +155,18 @@ public final class CourierClient {
         });
     }
 
-    /** A push arrived: a hint that events wait. Connect now if not connected. */
+    /**
+     * A push arrived: a hint that events wait. Connects now if idle or waiting to retry (the
+     * backoff's attempt count is kept); a connected client gets the events live anyway. A
+     * stopped client stays stopped (after a 4009 another install holds this device id).
+     */
     public void onPushReceived() {
         loop.execute(() -> {
             if (state == State.WAITING || state == State.IDLE) {
                 cancel(retryTimer);
-                attempt = 0;
                 open();
+            } else if (state == State.STOPPED) {
+                LOG.info("courier: a push while stopped; connect() on the next foreground");
             }
         });
     }
@@ -170,14 +180,23 @@ public final class CourierClient {
     // -- connecting ------------------------------------------------------------------------
 
     private void open() {
-        long resume = store.load();
+        long resume;
+        try {
+            resume = store.load();
+            connectionToken = tokens.token();
+        } catch (RuntimeException e) {
+            LOG.log(Level.WARNING, "courier: the app's store or token provider failed", e);
+            retry(null, false);
+            return;
+        }
         lastSeq = resume;
-        ackedSeq = resume;
+        resumedFrom = resume;
+        ackedSeq = -1; // what the server's cursor holds is not known: ack lastSeq on hello
+        unacked = 0;
         HttpUrl.Builder target = url.newBuilder();
         if (resume >= 0) {
             target.addQueryParameter("after", Long.toString(resume));
         }
-        connectionToken = tokens.token();
         Request request = new Request.Builder()
                 .url(target.build())
                 .header("Authorization", "Bearer " + connectionToken)
@@ -239,10 +258,7 @@ public final class CourierClient {
         heard();
         switch (frame.optString("type")) {
             case "hello":
-                if (pushToken != null) {
-                    sendPush();
-                }
-                scheduleRefresh(connectionToken); // the one this connection expires with
+                hello(frame);
                 break;
             case "event":
                 event(frame);
@@ -259,6 +275,31 @@ public final class CourierClient {
             default:
                 break; // pong, and frame types of later versions
         }
+    }
+
+    private void hello(JSONObject frame) {
+        long after = frame.optLong("after", -1);
+        if (resumedFrom >= 0 && after >= 0 && after < resumedFrom) {
+            // The server lowered our after= to the user's newest seq: its stream is behind the
+            // app's state (a reset ledger, another server). Seqs above `after` are new events,
+            // so they must not be dropped as repeats.
+            LOG.warning("courier: resumed after " + resumedFrom + " but the stream ends at " + after);
+            lastSeq = after;
+            store.save(after);
+            tell(() -> listener.onResyncNeeded(
+                    "the server's stream ends at seq " + after + ", below the app's " + resumedFrom));
+        }
+        if (frame.optBoolean("truncated")) {
+            tell(() -> listener.onResyncNeeded(
+                    "events after seq " + after + " were deleted before this device got them"));
+        }
+        // The acks of the last connection may have been lost with it: bring the server's
+        // cursor up to what was processed (never above `after`, the connection's position).
+        flushAck();
+        if (pushToken != null) {
+            sendPush();
+        }
+        scheduleRefresh(connectionToken); // the one this connection expires with
     }
 
     private void event(JSONObject frame) {
@@ -283,16 +324,21 @@ public final class CourierClient {
         }
         lastSeq = event.seq;
         store.save(event.seq);
-        if (ackTimer == null) {
+        if (++unacked >= options.ackEveryEvents) {
+            flushAck();
+        } else if (ackTimer == null) {
             ackTimer = loop.schedule(this::flushAck, options.ackDelayMillis, TimeUnit.MILLISECONDS);
         }
     }
 
+    /** Acks {@code lastSeq}, the highest processed seq, if the server has not had it yet. */
     private void flushAck() {
+        cancel(ackTimer);
         ackTimer = null;
-        if (socket != null && state == State.CONNECTED && lastSeq > ackedSeq) {
+        if (socket != null && state == State.CONNECTED && lastSeq > 0 && lastSeq > ackedSeq) {
             socket.send("{\"type\":\"ack\",\"seq\":" + lastSeq + "}");
             ackedSeq = lastSeq;
+            unacked = 0;
         }
     }
 
@@ -335,12 +381,14 @@ public final class CourierClient {
             return;
         }
         long now = System.currentTimeMillis();
-        long exp = expiresAtMillis(token);
+        long exp = claimMillis(token, "exp");
         if (exp <= 0) {
             return;
         }
-        long life = Math.max(0, exp - now);
-        long at = Math.max(0, exp - now - (long) (life * options.refreshWhenLeft));
+        long issued = claimMillis(token, "iat");
+        long from = issued > 0 && issued <= now ? issued : now;
+        long life = Math.max(0, exp - from);
+        long at = Math.max(0, exp - (long) (life * options.refreshWhenLeft) - now);
         refreshTimer = loop.schedule(this::refreshInBand, at, TimeUnit.MILLISECONDS);
     }
 
@@ -360,12 +408,15 @@ public final class CourierClient {
         }
     }
 
-    /** The {@code exp} claim of a JWT in milliseconds, or 0 if it cannot be read. */
-    static long expiresAtMillis(String jwt) {
+    /**
+     * A time claim ({@code exp}, {@code iat}) of a JWT in milliseconds, or 0 if it cannot be
+     * read. The payload is only decoded: the server checks the signature.
+     */
+    static long claimMillis(String jwt, String claim) {
         try {
             String[] parts = jwt.split("\\.");
             byte[] payload = Base64.getUrlDecoder().decode(parts[1]);
-            return new JSONObject(new String(payload, StandardCharsets.UTF_8)).getLong("exp") * 1000;
+            return new JSONObject(new String(payload, StandardCharsets.UTF_8)).getLong(claim) * 1000;
         } catch (RuntimeException | JSONException e) {
             return 0;
         }
@@ -384,15 +435,11 @@ public final class CourierClient {
                 stop("evicted: the user connected more devices than allowed (4010)");
                 return;
             case 4001:
-                if (refresh()) {
-                    attempt = 0;
-                    open(); // a new token: reconnect at once
-                } else {
-                    retry(null);
-                }
+                // Never again with the same token: a new one first, then at once.
+                retry(null, refresh());
                 return;
             default:
-                retry(null); // 1006, 1011, 1012, 1013, 4008, 4029 and any other code
+                retry(null, false); // 1006, 1011, 1012, 1013, 4008, 4029 and any other code
         }
     }
 
@@ -400,28 +447,24 @@ public final class CourierClient {
         socket = null;
         stopTimers();
         if (status == null) {
-            retry(null); // no answer at all: network down, DNS, a dropped connection
+            LOG.fine("courier: connection lost: " + cause);
+            retry(null, false); // no answer at all: network down, DNS, a dropped connection
             return;
         }
         String code = errorCode(body);
-        if (status == 401) {
-            if ("token_expired".equals(code) && refresh()) {
-                open();
-                return;
-            }
-            if (!refusedOnce && refresh()) {
-                refusedOnce = true; // one new token; refused again means a configuration error
-                open();
-                return;
-            }
-            stop("refused: HTTP 401 " + code);
-            return;
+        if (status == 401 && "token_expired".equals(code)) {
+            retry(null, refresh());
+        } else if (status == 401 && "bad_token".equals(code) && !refusedOnce) {
+            // One new token; refused again means a configuration mismatch.
+            boolean fresh = refresh();
+            refusedOnce = fresh;
+            retry(null, fresh);
+        } else if (status == 408 || status == 429 || status >= 500) {
+            retry(parseSeconds(retryAfter), false); // transient, no sooner than Retry-After
+        } else {
+            // 401 again or missing_token, 400, 403, 404, 414, 431: a client or configuration bug.
+            stop("refused: HTTP " + status + (code.isEmpty() ? "" : " " + code));
         }
-        if (status == 400 || status == 403) {
-            stop("refused: HTTP " + status + " " + code);
-            return;
-        }
-        retry(parseSeconds(retryAfter)); // 429, 503 and the infrastructure's 5xx
     }
 
     private boolean refresh() {
@@ -434,25 +477,40 @@ public final class CourierClient {
         }
     }
 
-    private void retry(Long atLeastSeconds) {
+    /**
+     * Connects again after a backoff: {@code random(0, min(cap, base * 2^attempt))} (full
+     * jitter), no sooner than {@code atLeastSeconds}. With {@code atOnceIfFirst} (a new token
+     * was fetched) the first attempt is immediate; a loop of them still backs off, since the
+     * attempt count is reset only by a connection that stayed up for a healthy period.
+     */
+    private void retry(Long atLeastSeconds, boolean atOnceIfFirst) {
         if (openedAt > 0 && System.currentTimeMillis() - openedAt >= options.healthyMillis) {
-            attempt = 0; // it was healthy for a while: start the backoff afresh
+            attempt = 0;
         }
         openedAt = 0;
-        long ceiling = Math.min(options.backoffCapMillis,
-                options.backoffBaseMillis * (1L << Math.min(attempt, 20)));
-        long delay = (long) (random.nextDouble() * ceiling); // full jitter
+        long delay;
+        if (atOnceIfFirst && attempt == 0) {
+            delay = 0;
+        } else {
+            long ceiling = Math.min(options.backoffCapMillis,
+                    options.backoffBaseMillis * (1L << Math.min(attempt, 20)));
+            delay = (long) (random.nextDouble() * (ceiling + 1));
+        }
         if (atLeastSeconds != null) {
             delay = Math.max(delay, atLeastSeconds * 1000);
         }
         attempt++;
+        if (delay == 0) {
+            open();
+            return;
+        }
         setState(State.WAITING);
         retryTimer = loop.schedule(this::open, delay, TimeUnit.MILLISECONDS);
     }
 
     private void stop(String reason) {
         setState(State.STOPPED);
-        listener.onStopped(reason);
+        tell(() -> listener.onStopped(reason));
     }
 
     private void stopTimers() {
@@ -467,7 +525,16 @@ public final class CourierClient {
     private void setState(State next) {
         if (state != next) {
             state = next;
-            listener.onState(next);
+            tell(() -> listener.onState(next));
+        }
+    }
+
+    /** Calls the app; a failing callback is logged, it must not stop the client's thread. */
+    private static void tell(Runnable call) {
+        try {
+            call.run();
+        } catch (RuntimeException e) {
+            LOG.log(Level.WARNING, "courier: a Listener callback failed", e);
         }
     }
 

@@ -9,6 +9,15 @@ public interface Listener {
      */
     void onEvent(CourierEvent event) throws Exception;
 
+    /**
+     * The server's stream does not continue where the app's state is: events were deleted
+     * by retention before this device got them ({@code hello.truncated}), or the stream ends
+     * below the app's last seq (the server lost or reset its ledger; the client then resumes
+     * from the server's newest seq). Resync the app's state from your backend; events keep
+     * coming after this call.
+     */
+    default void onResyncNeeded(String reason) {}
+
     /** The connection state changed. */
     default void onState(CourierClient.State state) {}
 
