@@ -1,6 +1,8 @@
 """The Android reference client (clients/android, Java on OkHttp), compiled here and run
-as a device against a real server: live events, a drop and resume, a token refreshed in
-band, a 4001 answered with a new token, and a 4009 that stops it."""
+as a device against a real server: live events, a drop and resume, the acks a drop lost
+sent on the next hello, a stored seq beyond the server's stream, a token refreshed in band,
+a 4001 answered with a new token, a bad token refused twice, a push as a hint to connect,
+and a 4009 that stops it."""
 
 from __future__ import annotations
 
@@ -52,8 +54,8 @@ def node(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 class JavaDevice:
     """The driver program: one CourierClient, its output read line by line."""
 
-    def __init__(self, cp: str, server: ServerProcess, tokens: Path, in_band: bool) -> None:
-        args = [server.url, str(tokens), "in-band" if in_band else "no-in-band"]
+    def __init__(self, cp: str, server: ServerProcess, tokens: Path, **named: object) -> None:
+        args = [server.url, str(tokens), *(f"{k.replace('_', '-')}={v}" for k, v in named.items())]
         self.proc = subprocess.Popen(
             ["java", "-cp", cp, "com.courier.client.Driver", *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -115,14 +117,19 @@ def event_seq(seq: int) -> Callable[[dict[str, Any]], bool]:
     return lambda line: line.get("event") == seq
 
 
+def logged(text: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda line: text in line.get("log", "")
+
+
 @pytest.fixture
 def java(classpath: str, node: ServerProcess, tmp_path: Path) -> Iterator[Any]:
     started: list[JavaDevice] = []
 
-    def start(user: str, device: str, ttl: float = 3600, in_band: bool = True) -> JavaDevice:
+    def start(user: str, device: str, ttl: float = 3600, **named: object) -> JavaDevice:
+        """A driver; ``named`` become its options (``in_band=False`` → ``in-band=False``)."""
         tokens = tmp_path / f"{device}.jwt"
         tokens.write_text(token(user, device, ttl=ttl))
-        started.append(JavaDevice(classpath, node, tokens, in_band))
+        started.append(JavaDevice(classpath, node, tokens, **named))
         return started[-1]
 
     yield start
@@ -183,6 +190,7 @@ async def test_the_token_is_refreshed_in_band_before_it_expires(
     await phone.expect(state("CONNECTED"))
     (tmp_path / "android.jwt").write_text(token(user, "android", ttl=600))
     await phone.expect(lambda line: line.get("refresh") == 1)  # at half its life
+    await phone.expect(logged("token renewed until"))  # the server's auth_ok
     await asyncio.sleep(3)  # the subject: the first token's expiry passes
     late = await node.publish(user)
     await phone.expect(event_seq(late["seq"]))
@@ -213,3 +221,65 @@ async def test_a_4009_stops_the_client(node: ServerProcess, java: Any) -> None:
     event = await node.publish(user)
     assert (await other.event())["seq"] == event["seq"]
     await other.close()
+
+
+async def test_acks_lost_with_a_connection_are_sent_on_the_next_hello(
+    node: ServerProcess, java: Any
+) -> None:
+    user = unique()
+    phone = java(user, "android", ack_delay=60_000)  # no ack before the drop
+    await phone.expect(state("CONNECTED"))
+    event = await node.publish(user)
+    await phone.expect(event_seq(event["seq"]))
+    phone.command("drop")
+    await phone.expect(state("WAITING"))
+    await phone.expect(state("CONNECTED"))  # resumed with after=seq: nothing comes again
+    await acked(node, user, event["seq"])  # the server's cursor caught up all the same
+    assert phone.events() == [event["seq"]]
+
+
+async def test_a_stored_seq_beyond_the_stream_does_not_swallow_new_events(
+    node: ServerProcess, java: Any
+) -> None:
+    user = unique()
+    first = await node.publish(user)
+    phone = java(user, "android", seq=first["seq"] + 1000)  # a stale or foreign local state
+    resync = await phone.expect(lambda line: "resync" in line)
+    assert str(first["seq"]) in resync["resync"]
+    event = await node.publish(user)  # its seq is below the stored one
+    await phone.expect(event_seq(event["seq"]))
+    await acked(node, user, event["seq"])
+    assert phone.events() == [event["seq"]]
+
+
+async def test_a_bad_token_refused_again_after_a_refresh_stops_the_client(
+    node: ServerProcess, java: Any, tmp_path: Path
+) -> None:
+    user = unique()
+    phone = java(user, "android")
+    await phone.expect(state("CONNECTED"))
+    phone.command("disconnect")
+    await phone.expect(state("IDLE"))
+    (tmp_path / "android.jwt").write_text(
+        token(user, "android", secret="not-the-server-secret-but-32-bytes-long")
+    )
+    phone.command("connect")
+    stopped = await phone.expect(lambda line: "stopped" in line)
+    assert stopped["stopped"] == "refused: HTTP 401 bad_token"
+    assert [line["refresh"] for line in phone.seen if "refresh" in line] == [1]  # once only
+    assert [line["state"] for line in phone.seen if "state" in line][-2:] == [
+        "CONNECTING",
+        "STOPPED",
+    ]
+
+
+async def test_a_push_is_a_hint_to_connect_and_fetch(node: ServerProcess, java: Any) -> None:
+    user = unique()
+    phone = java(user, "android")
+    await phone.expect(state("CONNECTED"))
+    phone.command("disconnect")  # the app went to the background
+    await phone.expect(state("IDLE"))
+    waiting = await node.publish(user)
+    phone.command("pushed")  # what FirebaseMessagingService.onMessageReceived calls
+    await phone.expect(event_seq(waiting["seq"]))
+    await acked(node, user, waiting["seq"])

@@ -7,7 +7,13 @@ import java.nio.file.Files;
 import java.nio.file.Path;
 import java.nio.file.Paths;
 import java.util.concurrent.TimeUnit;
+import java.util.HashMap;
+import java.util.Map;
 import java.util.concurrent.atomic.AtomicInteger;
+import java.util.logging.Handler;
+import java.util.logging.Level;
+import java.util.logging.LogRecord;
+import java.util.logging.Logger;
 
 import okhttp3.OkHttpClient;
 
@@ -15,16 +21,37 @@ import org.json.JSONObject;
 
 /**
  * Drives a {@link CourierClient} for the test suite: args {@code <base url> <token file>
- * [in-band|no-in-band]}. The token provider reads the token file (the test writes a new
- * token there before it is needed). Prints one JSON line per event, state, refresh and
- * stop; reads commands from stdin: {@code drop} (cut the connection), {@code push <token>},
- * {@code quit}.
+ * [name=value ...]} with the names {@code in-band} (true/false), {@code ack-delay}
+ * (milliseconds) and {@code seq} (the store's last processed seq at start). The token
+ * provider reads the token file (the test writes a new token there before it is needed).
+ * Prints one JSON line per event, state, refresh, resync, stop and client log record;
+ * reads commands from stdin: {@code drop} (cut the connection), {@code disconnect},
+ * {@code connect}, {@code push <token>}, {@code pushed} (a push arrived), {@code quit}.
  */
 public final class Driver {
     public static void main(String[] args) throws Exception {
         String base = args[0];
         Path tokenFile = Paths.get(args[1]);
-        boolean inBand = args.length < 3 || !"no-in-band".equals(args[2]);
+        Map<String, String> named = new HashMap<>();
+        for (int i = 2; i < args.length; i++) {
+            String[] pair = args[i].split("=", 2);
+            named.put(pair[0], pair[1]);
+        }
+        Logger log = Logger.getLogger("courier");
+        log.setLevel(Level.ALL);
+        log.setUseParentHandlers(false);
+        log.addHandler(new Handler() {
+            @Override
+            public void publish(LogRecord record) {
+                print("log", record.getMessage());
+            }
+
+            @Override
+            public void flush() {}
+
+            @Override
+            public void close() {}
+        });
         AtomicInteger refreshes = new AtomicInteger();
         TokenProvider tokens = new TokenProvider() {
             @Override
@@ -50,6 +77,11 @@ public final class Driver {
             }
 
             @Override
+            public void onResyncNeeded(String reason) {
+                print("resync", reason);
+            }
+
+            @Override
             public void onState(CourierClient.State state) {
                 print("state", state.name());
             }
@@ -60,15 +92,16 @@ public final class Driver {
             }
         };
         CourierClient.Options options = new CourierClient.Options();
-        options.ackDelayMillis = 50;
+        options.ackDelayMillis = Long.parseLong(named.getOrDefault("ack-delay", "50"));
         options.backoffBaseMillis = 100;
         options.backoffCapMillis = 1000;
         options.pingIntervalMillis = 1000;
         options.pongTimeoutMillis = 2000;
-        options.refreshInBand = inBand;
+        options.refreshInBand = Boolean.parseBoolean(named.getOrDefault("in-band", "true"));
         options.refreshWhenLeft = 0.5;
         OkHttpClient http = new OkHttpClient.Builder().connectTimeout(5, TimeUnit.SECONDS).build();
-        CourierClient client = new CourierClient(base, http, tokens, new MemorySeqStore(), listener, options);
+        SeqStore store = new MemorySeqStore(Long.parseLong(named.getOrDefault("seq", "-1")));
+        CourierClient client = new CourierClient(base, http, tokens, store, listener, options);
         client.connect();
         BufferedReader in = new BufferedReader(new InputStreamReader(System.in, StandardCharsets.UTF_8));
         for (String line; (line = in.readLine()) != null; ) {
@@ -76,6 +109,12 @@ public final class Driver {
                 client.reconnectNow();
             } else if (line.startsWith("push ")) {
                 client.registerPushToken(line.substring(5));
+            } else if (line.equals("disconnect")) {
+                client.disconnect();
+            } else if (line.equals("connect")) {
+                client.connect();
+            } else if (line.equals("pushed")) {
+                client.onPushReceived();
             } else if (line.equals("quit")) {
                 break;
             }
