@@ -30,10 +30,12 @@ NEEDED = ("okhttp.jar", "okio.jar", "json-android.jar")
 
 @pytest.fixture(scope="module")
 def classpath() -> str:
-    missing = [j for j in NEEDED if not (JARS / j).exists()]
-    if shutil.which("javac") is None or missing:
+    missing = [str(JARS / j) for j in NEEDED if not (JARS / j).exists()]
+    missing += [tool for tool in ("javac", "jar", "java") if shutil.which(tool) is None]
+    if missing:
         why = (
-            f"javac or the jars {missing} (libokhttp-java, libokio-java, libandroid-json-org-java)"
+            f"{', '.join(missing)} (Debian: default-jdk-headless, libokhttp-java,"
+            " libokio-java, libandroid-json-org-java)"
         )
         if IN_CI:
             pytest.fail(f"CI=true and {why} are missing: the Android client must be tested")
