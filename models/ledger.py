@@ -342,11 +342,16 @@ class Ledger:
         await self.engine.dispose()
 
     @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[AsyncConnection]:
-        """One transaction; database faults become ``LedgerUnavailable``."""
+    async def _tx(self, autocommit: bool = False) -> AsyncIterator[AsyncConnection]:
+        """One transaction (or, ``autocommit``, statements that each commit on their own);
+        data the database refuses becomes ``LedgerRefused``, faults ``LedgerUnavailable``."""
         try:
-            async with self.engine.begin() as conn:
-                yield conn
+            if autocommit:
+                async with self.engine.connect() as raw:
+                    yield await raw.execution_options(isolation_level="AUTOCOMMIT")
+            else:
+                async with self.engine.begin() as conn:
+                    yield conn
         except (DataError, IntegrityError) as exc:
             raise LedgerRefused(_describe(exc)) from exc
         except (SQLAlchemyError, OSError, TimeoutError) as exc:
@@ -413,14 +418,8 @@ class Ledger:
             "push_at": _push_at(e, now),
             "notification": e.notification,
         }
-        try:
-            async with self.engine.connect() as raw:
-                conn = await raw.execution_options(isolation_level="AUTOCOMMIT")
-                row = (await conn.execute(_PG_RECORD_ONE, params)).one()
-        except (DataError, IntegrityError) as exc:
-            raise LedgerRefused(_describe(exc)) from exc
-        except (SQLAlchemyError, OSError, TimeoutError) as exc:
-            raise LedgerUnavailable(_describe(exc)) from exc
+        async with self._tx(autocommit=True) as conn:
+            row = (await conn.execute(_PG_RECORD_ONE, params)).one()
         seq, known_user, known_seq, known_digest = row
         if seq is not None:
             ev = StoredEvent(

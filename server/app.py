@@ -169,7 +169,6 @@ def build_dispatcher(
             project=settings.fcm_project,
             endpoint=settings.fcm_endpoint,
             token_uri=settings.fcm_token_uri,
-            high_priority_kinds=settings.push_high_priority_kinds,
         )
     elif settings.push_webhook_url and settings.push_webhook_secret:
         sender = WebhookSender(settings.push_webhook_url, settings.push_webhook_secret)

@@ -88,15 +88,12 @@ def closed_url() -> str:
 async def test_a_sent_message_has_exactly_the_documented_fields(google: FakeGoogle) -> None:
     grabbed, plain = f"ok-{unique()}", f"ok-{unique()}"
     note = {"title": "Block grabbed", "body": "10:00-12:00"}
-    async with fcm(
-        google.service_account(),
-        endpoint=google.url,
-        high_priority_kinds=frozenset({"block.grabbed"}),
-    ) as sender:
+    async with fcm(google.service_account(), endpoint=google.url) as sender:
         first = await sender.send(
             message(
                 grabbed,
                 kind="block.grabbed",
+                high_priority=True,  # the dispatcher's choice for a listed kind
                 data='{"block_id":"B9"}',
                 collapse="blocks",
                 expires_at=NOW + 42_500,

@@ -76,7 +76,6 @@ class FcmSender:
         project: str | None = None,
         endpoint: str = "https://fcm.googleapis.com",
         token_uri: str | None = None,
-        high_priority_kinds: frozenset[str] = frozenset(),
         timeout: float = 10.0,
         client: httpx.AsyncClient | None = None,
         clock: Callable[[], float] = time.time,
@@ -95,7 +94,6 @@ class FcmSender:
             info, scopes=[SCOPE]
         )
         self.url = f"{endpoint.rstrip('/')}/v1/projects/{self.project}/messages:send"
-        self.high_priority_kinds = high_priority_kinds
         self._timeout = timeout
         self._client = client or httpx.AsyncClient(timeout=timeout)
         self._token: str | None = None
@@ -140,11 +138,7 @@ class FcmSender:
         full = {**data, "data": message.data}
         if len(json.dumps(full, separators=(",", ":")).encode()) <= MAX_DATA_BYTES:
             data = full  # else the app fetches the event over its socket
-        android: dict[str, Any] = {
-            "priority": "HIGH"
-            if message.high_priority or message.kind in self.high_priority_kinds
-            else "NORMAL"
-        }
+        android: dict[str, Any] = {"priority": "HIGH" if message.high_priority else "NORMAL"}
         if message.collapse is not None:
             android["collapse_key"] = message.collapse
         if message.expires_at is not None:
