@@ -1,9 +1,15 @@
 """One device connection: a bounded send queue drained by the connection's own writer.
 
-Fan-out calls :meth:`Client.send`, which never awaits: it appends the already
-encoded frame to this connection's queue. A connection whose queue is full is a
-slow consumer and is closed with 4008; it resumes from the ledger when it
-reconnects, so closing it loses nothing and never delays other connections.
+Fan-out calls :meth:`Client.send`, which never awaits: it writes the frame's shared
+bytes straight to the socket when it can (see ``FastWriter``), or appends the encoded
+frame to this connection's queue. A connection whose queue is full is a slow consumer
+and is closed with 4008; it resumes from the ledger when it reconnects, so closing it
+loses nothing and never delays other connections.
+
+The writer is a task only while there is something to write: :meth:`Client.send`
+starts it when a frame is queued (once :meth:`Client.start` said the connection is
+open) and it ends when the queue is empty. An idle connection holds no writer task,
+no queue and no future.
 """
 
 from __future__ import annotations
@@ -68,7 +74,8 @@ class Client:
         "_on_sent",
         "_queue",
         "_sink",
-        "_wake",
+        "_started",
+        "aborted",
         "acked",
         "budget",
         "catch_up_task",
@@ -79,6 +86,7 @@ class Client:
         "device",
         "disconnect",
         "max_queue",
+        "owner",
         "pending",
         "pending_overflow",
         "position",
@@ -106,6 +114,7 @@ class Client:
         self._sink = sink
         self._fast = fast
         self._inflight = False  # the writer took a frame off the queue and has not written it
+        self._started = False  # the sink is open: queued frames may be written
         self.user = user
         self.device = device
         self.conn_id = conn_id
@@ -116,9 +125,8 @@ class Client:
         # Frames waiting for the writer; made when needed and let go once empty (an idle
         # connection holds no deque).
         self._queue: deque[tuple[int, int, str]] | None = None
-        # Futures made only while someone waits (no per-connection Event objects): the
-        # writer's wait for frames, and catch-up's wait for the queue to drain.
-        self._wake: asyncio.Future[None] | None = None
+        # Made only while someone waits (no per-connection Event objects): catch-up's wait
+        # for the queue to drain.
         self._drained: asyncio.Future[None] | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
         # Delivery position in the user's stream: every event with seq <= position
@@ -132,7 +140,11 @@ class Client:
         self.pending: list[Delivery] = []
         self.pending_overflow = False
         self.catch_up_task: asyncio.Task[None] | None = None
-        self.writer_task: asyncio.Task[None] | None = None
+        self.writer_task: asyncio.Task[None] | None = None  # only while writing
+        # The task that serves the connection (reads its frames); cancelled with the writer
+        # when the peer does not take even the close frame (``aborted`` is then True).
+        self.owner: asyncio.Task[None] | None = None
+        self.aborted = False
         self.disconnect: Disconnect | None = None
         self.closed = False
         # Frames from the device; shared with its WebSocket pings when the transport
@@ -173,8 +185,16 @@ class Client:
             self.close(SLOW)
             return False
         queue.append((seq, created_at, frame))
-        _resolve(self._wake)
+        if self.writer_task is None and self._started:
+            self.writer_task = asyncio.get_running_loop().create_task(self._write())
         return True
+
+    def start(self) -> None:
+        """The sink is open: write what was queued meanwhile, and from now on whenever
+        something is queued (or the connection is closed: then the close frame)."""
+        self._started = True
+        if (self._queue or self.closed) and self.writer_task is None:
+            self.writer_task = asyncio.get_running_loop().create_task(self._write())
 
     def close(self, disconnect: Disconnect) -> None:
         """Close with ``disconnect``: queued frames are dropped (the ledger has them)."""
@@ -185,9 +205,11 @@ class Client:
         if self._queue is not None:
             self._queue.clear()  # the writer may be iterating it: it stops at once
             self._queue = None
-        _resolve(self._wake)
         _resolve(self._drained)
-        self._abort_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._abort)
+        loop = asyncio.get_running_loop()
+        self._abort_timer = loop.call_later(CLOSE_TIMEOUT, self._abort)
+        if self.writer_task is None and self._started:
+            self.writer_task = loop.create_task(self._write())  # for the close frame
         if self._on_close is not None:
             self._on_close(self, disconnect)
 
@@ -205,45 +227,49 @@ class Client:
 
     def _abort(self) -> None:
         # The peer did not take even the close frame (it stopped reading): give up on it.
-        if self.writer_task is not None and not self.writer_task.done():
-            log.info("connection %s: peer stopped reading, dropping it", self.conn_id)
-            self.writer_task.cancel()
+        log.info("connection %s: peer stopped reading, dropping it", self.conn_id)
+        self.aborted = True
+        for task in (self.writer_task, self.owner):
+            if task is not None and not task.done():
+                task.cancel()
 
     def allow_frame(self) -> bool:
         """Charge one frame from the device to its budget (``rate`` per second, ``rate_burst``
         at once); False when it is spent."""
         return self.budget.take()
 
-    async def run_writer(self) -> None:
-        """Write queued frames in order until closed; then send the close frame."""
+    async def _write(self) -> None:
+        """Write queued frames in order until the queue is empty, and the close frame once
+        closed. The task ends then; :meth:`send` starts another for the next frame."""
         sink = self._sink
         try:
-            loop = asyncio.get_running_loop()
-            while True:
-                if not self._queue and not self.closed:
-                    self._queue = None
-                    self._wake = loop.create_future()
-                    await self._wake
-                    self._wake = None
-                queue = self._queue
-                while queue:
-                    seq, created_at, frame = queue.popleft()
-                    self._inflight = True
-                    await sink.send_text(frame)
-                    self._inflight = False
-                    if seq:
-                        self.sent_seq = seq
-                        if self._on_sent is not None:
-                            self._on_sent(self, seq, created_at)
-                queue = None  # not kept alive while waiting
-                _resolve(self._drained)
-                if self.closed:
-                    break
+            queue = self._queue
+            while queue:  # ``close`` empties it: the loop stops after the frame in flight
+                seq, created_at, frame = queue.popleft()
+                self._inflight = True
+                await sink.send_text(frame)
+                self._inflight = False
+                if seq:
+                    self.sent_seq = seq
+                    if self._on_sent is not None:
+                        self._on_sent(self, seq, created_at)
+            _resolve(self._drained)
+            if not self.closed:
+                self._queue = None  # an idle connection holds no deque
+                self.writer_task = None
+                return
             assert self.disconnect is not None
             await sink.close(self.disconnect.code, self.disconnect.reason)
-        finally:
             if self._abort_timer is not None:
                 self._abort_timer.cancel()
+        except Exception as exc:  # the sink is gone under us (the peer went away mid-write)
+            log.info("connection %s: write failed (%s), dropping it", self.conn_id, exc)
+            self.closed = True
+            if self._abort_timer is not None:
+                self._abort_timer.cancel()
+            if self.owner is not None and not self.owner.done():
+                self.aborted = True
+                self.owner.cancel()
 
 
 def _resolve(waiter: asyncio.Future[None] | None) -> None:

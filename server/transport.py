@@ -23,7 +23,7 @@ Under any other ASGI server the app works as before, without these guarantees.
   only, with one WARNING.
 * A connection holds less: uvicorn's per-connection ``asyncio.Queue`` and flow-control
   ``asyncio.Event`` are replaced by equivalents that allocate only while something
-  waits.
+  waits, and nothing of the handshake's request is kept once the connection is open.
 * Text messages are offered to the app's ``on_text`` first (acks are read there, in
   the protocol's own callback); whatever it declines goes the ASGI way.
 * Pings from the peer are charged to the connection's frame budget, the token bucket
@@ -51,7 +51,7 @@ from typing import Any
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.protocol import State
+from websockets.protocol import Protocol, State
 
 try:  # the websockets library's unmasking, in C when its extension is built
     from websockets.speedups import apply_mask
@@ -391,6 +391,12 @@ class CourierWebSocketProtocol(WebSocketsSansIOProtocol):
             # parsed twice over) are not read again; the scope keeps what the app reads.
             self.request = None  # type: ignore[assignment]
             self.response = None  # type: ignore[assignment]
+            if not self._raw:
+                # Only the request head reached the parser: it waits for the first byte of
+                # the first frame. A frame parser takes its place, so that the handshake's
+                # generator, which holds the parsed request, is let go too.
+                self.conn.parser = Protocol.parse(self.conn)
+                next(self.conn.parser)
         elif kind == "websocket.http.response.body" and not message.get("more_body"):
             self.handshake_complete = True  # a refusal answered in full is a finished handshake
 

@@ -1,4 +1,5 @@
-"""``GET /v1/ws``: the device connection (handshake auth, resume, one reader and one writer)."""
+"""``GET /v1/ws``: the device connection (handshake auth, resume; the ASGI task reads, a
+writer task runs while there is something to write)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import re
 import time
 
 import msgspec
+from starlette.datastructures import QueryParams
 from starlette.responses import JSONResponse
 from starlette.routing import WebSocketRoute
+from starlette.types import Scope
 from starlette.websockets import WebSocket
 
 from channels.broker import BrokerUnavailable
@@ -31,7 +34,7 @@ from models.ledger import LedgerUnavailable, now_ms
 from models.pushes import PushStore, push_address_problem, token_hint
 from server.auth import Auth, AuthError, DeviceIdentity, bearer
 from server.guard import Refusal
-from server.services import services_of
+from server.services import Services, services_of
 from server.transport import FAST_KEY
 
 log = logging.getLogger("courier.ws")
@@ -60,42 +63,64 @@ def _deny(refusal: Refusal) -> JSONResponse:
     )
 
 
+def _header(scope: Scope, name: bytes) -> str | None:
+    """A request header read from the scope itself (Starlette's ``websocket.headers``
+    would keep a parsed copy for the connection's whole life)."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
 async def device_socket(websocket: WebSocket) -> None:
     svc = services_of(websocket)
+    admitted = await _admit(websocket, svc)
+    if admitted is not None:
+        await _serve(websocket, svc, *admitted)
+
+
+async def _admit(
+    websocket: WebSocket, svc: Services
+) -> tuple[Client, FastWriter | None, _Expiry] | None:
+    """The handshake: checks, registration, ``accept``. Answers the open connection, or
+    None when it was refused (the refusal is answered here). Nothing of the request
+    (headers, query string, token) outlives this call."""
     node, metrics, guard = svc.node, svc.metrics, svc.guard
+    scope = websocket.scope
     if node.draining:
         metrics.handshake_refusals.labels("draining").inc()
         await websocket.send_denial_response(
             _refusal(503, "draining", "this node is shutting down; connect again")
         )
-        return
-    address = websocket.client.host if websocket.client else "unknown"
-    refusal = guard.before_auth(address, websocket.headers.get("origin"), node.hub.connections)
+        return None
+    address = scope["client"][0] if scope.get("client") else "unknown"
+    refusal = guard.before_auth(address, _header(scope, b"origin"), node.hub.connections)
     if refusal is not None:
         await websocket.send_denial_response(_deny(refusal))
-        return
-    header = bearer(websocket.headers.get("authorization"))
-    token = header.decode() if header else websocket.query_params.get("token")
+        return None
+    query = QueryParams(scope["query_string"])
+    header = bearer(_header(scope, b"authorization"))
+    token = header.decode() if header else query.get("token")
     try:
         identity = svc.auth.verify_device_token(token)
-        after = _parse_after(websocket.query_params.get("after"))
+        after = _parse_after(query.get("after"))
     except AuthError as exc:
         guard.auth_failed(address)
         metrics.handshake_refusals.labels(exc.code).inc()
         await websocket.send_denial_response(_refusal(401, exc.code, exc.message))
-        return
+        return None
     except ValueError as exc:
         metrics.handshake_refusals.labels("bad_after").inc()
         await websocket.send_denial_response(_refusal(400, "bad_after", str(exc)))
-        return
+        return None
     refusal = guard.reconnect(identity.user, identity.device, address)
     if refusal is not None:
         await websocket.send_denial_response(_deny(refusal))
-        return
+        return None
 
     # Registered before the upgrade, so that a device past the device limit is refused
     # with an HTTP answer; frames queued meanwhile (hello, backfill) go out once accepted.
-    extensions = websocket.scope.get("extensions") or {}
+    extensions = scope.get("extensions") or {}
     budget = extensions.get(SCOPE_KEY)
     door = extensions.get(FAST_KEY)  # only under ``courier serve``; else the plain ASGI path
     fast = door if isinstance(door, FastWriter) else None
@@ -121,49 +146,60 @@ async def device_socket(websocket: WebSocket) -> None:
             f"{address} ({identity.user}/{identity.device})",
         )
         await websocket.send_denial_response(_deny(refusal))
-        return
+        return None
     except (LedgerUnavailable, BrokerUnavailable) as exc:
         log.warning("connection of %s/%s refused: %s", identity.user, identity.device, exc)
         metrics.disconnects.labels(code_label(TRY_AGAIN.code)).inc()
         await websocket.accept()
         await websocket.close(TRY_AGAIN.code, TRY_AGAIN.reason)
-        return
+        return None
     try:
         await websocket.accept()
     except BaseException:
         node.disconnect(client)
         raise
+    # The connection's scope lives as long as it does: let the request's part go.
+    scope["headers"] = []
+    scope["query_string"] = b""
+    return client, fast, _Expiry(svc.auth, identity, client)
 
-    expiry = _Expiry(svc.auth, identity, client)
+
+async def _serve(
+    websocket: WebSocket, svc: Services, client: Client, fast: FastWriter | None, expiry: _Expiry
+) -> None:
+    """The open connection, in the ASGI task itself: it reads the device's frames until
+    the peer is gone; the client's writer task exists only while there is something to
+    write. Everything the connection registered is let go when it ends."""
+    node = svc.node
     if fast is not None:
         fast.on_text = functools.partial(node.ack_frame, client)  # acks never reach _read
-    writer = client.writer_task = asyncio.create_task(client.run_writer())
-    reader = asyncio.create_task(_read(websocket, client, node, expiry, svc.pushes))
+    task = client.owner = asyncio.current_task()
+    client.start()
     peer_code: int | None = None
     try:
-        done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-        if reader in done and not reader.cancelled():
-            if reader.exception() is not None:
-                # A bug, not the device's fault: never leave a half-dead connection behind.
-                log.error("reader of %s failed", client.conn_id, exc_info=reader.exception())
-                client.close(INTERNAL)
-            else:
-                peer_code = reader.result()
-                if client.disconnect is not None and not writer.done():
-                    peer_code = None  # we had closed first: our code is the one to count
-        if peer_code is None and not writer.done():
-            # We are closing: let the writer flush the close frame (bounded by its abort timer).
-            await asyncio.wait({writer})
+        peer_code = await _read(websocket, client, node, expiry, svc.pushes)
+    except asyncio.CancelledError:
+        if not client.aborted or task is None:
+            raise
+        task.uncancel()  # our own drop of a peer that stopped reading: a normal end
+    except Exception:
+        # A bug, not the device's fault: never leave a half-dead connection behind.
+        log.exception("reader of %s failed", client.conn_id)
+        client.close(INTERNAL)
+        if client.writer_task is not None:
+            await asyncio.wait({client.writer_task})  # the close frame (the abort bounds it)
     finally:
+        client.owner = None
         if fast is not None:
             fast.on_text = None
         expiry.cancel()
-        for task in (reader, writer):
-            task.cancel()
-        await asyncio.gather(reader, writer, return_exceptions=True)
+        writer = client.writer_task
+        if writer is not None:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
         node.disconnect(client)
-        code = peer_code if peer_code is not None else _code(client.disconnect)
-        metrics.disconnects.labels(code_label(code)).inc()
+        code = _code(client.disconnect) if client.disconnect is not None else peer_code
+        svc.metrics.disconnects.labels(code_label(code if code is not None else 1006)).inc()
 
 
 class _Expiry:

@@ -26,10 +26,12 @@ async def test_writer_sends_in_order_and_reports_sent_seq() -> None:
     client = Client(
         sink, "u", "d", "n:1", max_queue=10, on_sent=lambda c, seq, ts: seen.append(seq)
     )
-    writer = asyncio.create_task(client.run_writer())
+    client.start()
     for seq in (1, 2, 3):
         assert client.send(f"f{seq}", seq)
     client.send("not-an-event")
+    writer = client.writer_task
+    assert writer is not None
     client.close(RESTART)
     await asyncio.wait_for(writer, 5)
     # Closing drops what is still queued: only frames written before close count.
@@ -42,8 +44,10 @@ async def test_full_queue_closes_with_4008_without_waiting_for_the_socket() -> N
     sink = Sink()
     sink.open.clear()  # the phone stopped reading: the first send blocks forever
     client = make(sink, max_queue=4)
-    writer = asyncio.create_task(client.run_writer())
+    client.start()
     assert client.send("f1", 1)
+    writer = client.writer_task
+    assert writer is not None
     await asyncio.wait_for(sink.first_send.wait(), 5)  # the writer is now stuck in send
     for seq in range(2, 6):
         assert client.send(f"f{seq}", seq)  # fills the queue: never blocks the caller
@@ -65,13 +69,39 @@ async def test_peer_that_never_reads_is_dropped_after_close_timeout(
     sink = Sink()
     sink.open.clear()
     client = make(sink)
-    client.writer_task = asyncio.create_task(client.run_writer())
+    client.start()
+    owner = client.owner = asyncio.create_task(asyncio.Event().wait())  # the reading task
     client.send("f1", 1)
+    writer = client.writer_task
+    assert writer is not None
     await asyncio.wait_for(sink.first_send.wait(), 5)
     client.close(SLOW)
-    done, _ = await asyncio.wait({client.writer_task}, timeout=5)
-    assert client.writer_task in done and client.writer_task.cancelled()
-    assert sink.closed is None
+    done, _ = await asyncio.wait({writer, owner}, timeout=5)
+    # Both the stuck writer and the task reading the connection are ended, as a drop.
+    assert done == {writer, owner} and writer.cancelled() and owner.cancelled()
+    assert client.aborted and sink.closed is None
+
+
+async def test_the_writer_runs_only_while_there_is_something_to_write() -> None:
+    sink = Sink()
+    client = make(sink, max_queue=10)
+    assert client.send("hello") and client.send("e1", 1)  # before start: queued, not written
+    assert client.writer_task is None and sink.sent == []
+    client.start()
+    writer = client.writer_task
+    assert writer is not None
+    await asyncio.wait_for(writer, 5)
+    # Drained: the task ended, and an idle connection holds no queue either.
+    assert sink.sent == ["hello", "e1"] and client.writer_task is None and client.queued == 0
+    assert client.send("e2", 2)
+    second = client.writer_task
+    assert second is not None and second is not writer
+    await asyncio.wait_for(second, 5)
+    assert sink.sent == ["hello", "e1", "e2"] and client.sent_seq == 2
+    client.close(RESTART)  # an idle connection's close frame gets a writer of its own
+    assert client.writer_task is not None
+    await asyncio.wait_for(client.writer_task, 5)
+    assert sink.closed == (1012, "service restart")
 
 
 async def test_rate_limit_token_bucket() -> None:
@@ -147,7 +177,7 @@ async def test_fast_path_writes_at_once_and_never_overtakes_queued_frames() -> N
     client = Client(
         sink, "u", "d", "n:1", max_queue=10, fast=wire, on_sent=lambda c, s, t: seen.append(s)
     )
-    writer = asyncio.create_task(client.run_writer())
+    client.start()
     assert client.send("e1", 1, wire=b"e1")  # idle and writable: written at once, no queue
     assert sink.sent == ["e1"] and client.queued == 0 and client.sent_seq == 1 and not seen
     client.send("hello")  # no wire bytes (a control frame): goes through the queue
@@ -170,7 +200,8 @@ async def test_fast_path_writes_at_once_and_never_overtakes_queued_frames() -> N
     assert sink.sent == ["e1", "hello", "e2", "e3", "e4", "e5"]
     assert seen == [2, 3, 4, 5] and client.sent_seq == 5  # e1 went by the fast path
     client.close(RESTART)
-    await asyncio.wait_for(writer, 5)
+    assert client.writer_task is not None
+    await asyncio.wait_for(client.writer_task, 5)
 
 
 def test_sent_only_moves_wait_for_a_full_flush_and_acks_do_not() -> None:

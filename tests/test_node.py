@@ -67,8 +67,8 @@ async def connect(
 ) -> tuple[Client, Sink]:
     sink = Sink()
     client = node.new_client(sink, user, device)
-    client.writer_task = asyncio.create_task(client.run_writer())
     await node.connect(client, after)
+    client.start()
     return client, sink
 
 
