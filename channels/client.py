@@ -19,7 +19,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 from channels.disconnect import SLOW, Disconnect
 from channels.frames import Delivery
@@ -39,7 +39,6 @@ class Sink(Protocol):
     async def close(self, code: int = 1000, reason: str | None = None) -> None: ...
 
 
-@runtime_checkable
 class FastWriter(Protocol):
     """The transport's door for pre-encoded frames (``courier serve`` provides one per
     connection, see ``server/transport.py``): bytes of a whole WebSocket frame, built once

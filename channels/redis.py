@@ -449,21 +449,36 @@ def presence_key(user: str) -> str:
     return f"courier:presence:{{{user}}}"
 
 
+def node_devices_key(node_id: str) -> str:
+    return f"courier:node:{node_id}:devices"
+
+
+_SEP = "\x1f"
+"""Between user and device in a node's device set (neither may contain it)."""
+
+
 class RedisPresence:
-    """Cluster-wide presence from per-node heartbeats with expiry.
+    """Cluster-wide presence: each node writes what changed, and a node's liveness says
+    whether its entries count.
 
-    Keys (scores are expiry times in unix milliseconds):
+    Keys:
 
-    * ``courier:nodes`` ZSET node id -> expiry, and ``courier:node:{id}`` the node's
-      connection count, with a TTL.
-    * ``courier:presence:{user}`` ZSET ``device|node`` -> expiry, with a TTL on the key.
+    * ``courier:nodes`` ZSET node id -> expiry (unix milliseconds), and
+      ``courier:node:{id}`` the node's connection count, with a TTL: the heartbeat.
+    * ``courier:presence:{user}`` ZSET of ``device|node`` (score: when it was written).
+      An entry counts only while its node's heartbeat is alive.
+    * ``courier:node:{id}:devices`` SET of the node's ``user<US>device`` entries, so that
+      whoever finds the node dead can remove them.
 
-    Every ``interval`` seconds the node writes its whole hub in ONE pipeline (not one
-    write per connect), and removes the members it wrote last time that are gone, so a
-    device that disconnects drops out within one interval; a dead node's entries drop
-    out when their expiry passes (``ttl``), and the key TTLs clean the rest up.
-    Readers compare expiry scores with their own clock: keep node clocks in sync
-    (NTP); a skew well under ``ttl`` does no harm.
+    Every ``interval`` seconds a node writes, in ONE pipeline, its heartbeat and the
+    entries that changed since its last beat (a connect or a disconnect in between), so
+    a beat costs the same with ten devices or a hundred thousand. A device that leaves
+    drops out within one interval; a node that stops beating drops out when its expiry
+    passes (``ttl``), and the next beat of any live node removes its entries. A node that
+    finds its heartbeat key gone at a beat (it was reaped after a stall, or Redis lost its
+    data) writes all of its entries again at the next one. Readers compare expiries with
+    their own clock: keep node clocks in sync (NTP); a skew well under ``ttl`` does no
+    harm.
     """
 
     def __init__(
@@ -480,16 +495,21 @@ class RedisPresence:
         self.hub = hub
         self.interval = interval
         self.ttl = ttl
-        self._written: dict[str, set[str]] = {}  # user -> members written last beat
+        self._written: dict[str, set[str]] = {}  # user -> devices Redis has from this node
+        self._rewrite = False  # write every entry at the next beat, not only the changes
         self._task: asyncio.Task[None] | None = None
 
     async def connected_devices(self, user: str) -> set[str]:
-        now = _now_ms()
-        members = await self.client.zrangebyscore(presence_key(user), now, "+inf")
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zrange(presence_key(user), 0, -1)
+            pipe.zrangebyscore(NODES_KEY, _now_ms(), "+inf")
+            members, live = await pipe.execute()
+        alive = {_text(n) for n in live}
         devices = {c.device for c in self.hub.clients(user) if not c.closed}
         for m in members:
-            device, _, _node = _text(m).rpartition("|")
-            devices.add(device)
+            device, _, node = _text(m).rpartition("|")
+            if node in alive:
+                devices.add(device)
         return devices
 
     async def nodes(self) -> dict[str, int]:
@@ -522,29 +542,70 @@ class RedisPresence:
             )
 
     async def beat(self) -> None:
-        """Write this node's presence (one pipeline)."""
+        """The heartbeat and the entries that changed since the last beat (one pipeline),
+        then the removal of dead nodes' entries, if any node died."""
         now = _now_ms()
-        expiry = now + int(self.ttl * 1000)
         ttl_ms = int(self.ttl * 1000)
         current: dict[str, set[str]] = {}
         for client in self.hub.all():
             if not client.closed:
-                current.setdefault(client.user, set()).add(f"{client.device}|{self.node_id}")
+                current.setdefault(client.user, set()).add(client.device)
+        written = self._written
+        rewrite = self._rewrite
+        mine = node_devices_key(self.node_id)
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.zadd(NODES_KEY, {self.node_id: expiry})
-            pipe.set(node_key(self.node_id), len(self.hub), px=ttl_ms)
-            pipe.zremrangebyscore(NODES_KEY, "-inf", now)
-            for user, members in current.items():
-                key = presence_key(user)
-                pipe.zadd(key, dict.fromkeys(members, expiry))
-                pipe.pexpire(key, ttl_ms)
-                gone = self._written.get(user, set()) - members
+            pipe.zadd(NODES_KEY, {self.node_id: now + ttl_ms})
+            pipe.set(node_key(self.node_id), len(self.hub), px=ttl_ms, get=True)
+            for user, devices in current.items():
+                before = written.get(user)
+                if before == devices and not rewrite:
+                    continue
+                added = devices - before if before and not rewrite else devices
+                gone = before - devices if before else ()
+                if added:
+                    pipe.zadd(presence_key(user), {self._member(d): now for d in added})
+                    pipe.sadd(mine, *(user + _SEP + d for d in added))
                 if gone:
-                    pipe.zrem(key, *gone)
-            for user in self._written.keys() - current.keys():
-                pipe.zrem(presence_key(user), *self._written[user])
-            await pipe.execute()
+                    pipe.zrem(presence_key(user), *(self._member(d) for d in gone))
+                    pipe.srem(mine, *(user + _SEP + d for d in gone))
+            for user in written.keys() - current.keys():
+                pipe.zrem(presence_key(user), *(self._member(d) for d in written[user]))
+                pipe.srem(mine, *(user + _SEP + d for d in written[user]))
+            pipe.zrangebyscore(NODES_KEY, "-inf", now - 1)
+            try:
+                replies = await pipe.execute()
+            except BaseException:
+                self._rewrite = True  # some of it may be written, or Redis restarted
+                raise
         self._written = current
+        self._rewrite = False
+        if replies[1] is None:
+            # No heartbeat key: the first beat, or this node was taken for dead (a stall
+            # longer than the TTL) and its entries removed, or Redis lost its data. Write
+            # every entry again at the next beat.
+            self._rewrite = True
+        dead = [_text(n) for n in replies[-1] if _text(n) != self.node_id]
+        if dead:
+            await self._reap(dead)
+
+    def _member(self, device: str) -> str:
+        return f"{device}|{self.node_id}"
+
+    async def _reap(self, dead: list[str]) -> None:
+        """Remove the entries of nodes whose heartbeat expired. Several nodes may do this at
+        once: every step can be repeated. A node that was only late finds its heartbeat key
+        gone at its next beat and writes its entries again."""
+        for node in dead:
+            entries = await self.client.smembers(node_devices_key(node))
+            async with self.client.pipeline(transaction=False) as pipe:
+                for raw in entries:
+                    user, _, device = _text(raw).partition(_SEP)
+                    pipe.zrem(presence_key(user), f"{device}|{node}")
+                # The heartbeat key goes too: were the node only late, it learns so.
+                pipe.delete(node_devices_key(node), node_key(node))
+                pipe.zrem(NODES_KEY, node)
+                await pipe.execute()
+            log.info("presence: node %s stopped beating; %d entries removed", node, len(entries))
 
     async def _beat_forever(self) -> None:
         failures = 0
@@ -577,9 +638,9 @@ class RedisPresence:
     async def _withdraw(self) -> None:
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.zrem(NODES_KEY, self.node_id)
-            pipe.delete(node_key(self.node_id))
-            for user, members in self._written.items():
-                pipe.zrem(presence_key(user), *members)
+            pipe.delete(node_key(self.node_id), node_devices_key(self.node_id))
+            for user, devices in self._written.items():
+                pipe.zrem(presence_key(user), *(self._member(d) for d in devices))
             await pipe.execute()
         self._written = {}
 

@@ -8,6 +8,7 @@ import functools
 import logging
 import re
 import time
+from typing import cast
 
 import msgspec
 from starlette.datastructures import QueryParams
@@ -122,8 +123,8 @@ async def _admit(
     # with an HTTP answer; frames queued meanwhile (hello, backfill) go out once accepted.
     extensions = scope.get("extensions") or {}
     budget = extensions.get(SCOPE_KEY)
-    door = extensions.get(FAST_KEY)  # only under ``courier serve``; else the plain ASGI path
-    fast = door if isinstance(door, FastWriter) else None
+    # Only under ``courier serve`` (the key is this server's own); else the plain ASGI path.
+    fast = cast(FastWriter | None, extensions.get(FAST_KEY))
     client = node.new_client(
         websocket,
         identity.user,

@@ -13,7 +13,14 @@ import redis.asyncio as aioredis
 from channels.broker import Broker, BrokerUnavailable, MemoryBroker
 from channels.client import Client
 from channels.hub import Hub
-from channels.redis import RedisBroker, RedisPresence
+from channels.redis import (
+    NODES_KEY,
+    RedisBroker,
+    RedisPresence,
+    node_devices_key,
+    node_key,
+    presence_key,
+)
 from tests.harness import free_port
 
 WAIT = 10.0  # seconds: upper bound of any wait below (they end as soon as the event is there)
@@ -250,6 +257,80 @@ async def test_presence_is_cluster_wide_and_expires(redis_url: str) -> None:
         await a.stop()
         await client_a.aclose()
         await client_b.aclose()
+
+
+async def test_a_beat_writes_only_what_changed(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    users = [f"u-{uuid.uuid4().hex[:10]}" for _ in range(50)]
+    hub = Hub()
+    redis = redis_client_for(redis_url)
+    node = RedisPresence(redis, f"node-{uuid.uuid4().hex[:6]}", hub, interval=60, ttl=60)
+    sent: list[list[str]] = []
+    execute = aioredis.client.Pipeline.execute
+
+    async def counted(self: aioredis.client.Pipeline, raise_on_error: bool = True) -> list:  # type: ignore[type-arg]
+        sent.append([str(args[0]) for args, _ in self.command_stack])
+        return await execute(self, raise_on_error)
+
+    monkeypatch.setattr(aioredis.client.Pipeline, "execute", counted)
+    try:
+        for n, user in enumerate(users):
+            hub.add(_client(user, "phone", n))
+        await node.beat()  # the first beat: the heartbeat key was not there yet
+        await node.beat()  # so this one writes every entry once more
+        sent.clear()
+        await node.beat()  # nothing changed: the heartbeat alone, whatever the hub holds
+        assert [c for c in sent[0] if c.startswith(("ZADD", "SADD", "ZREM", "SREM"))] == ["ZADD"]
+        phone = hub.device(users[0], "phone")
+        assert phone is not None
+        hub.remove(phone)
+        hub.add(_client(users[1], "tablet", 99))
+        sent.clear()
+        await node.beat()  # one device gone, one new: two entries, four writes
+        writes = [c for c in sent[0] if c.startswith(("ZADD", "SADD", "ZREM", "SREM"))]
+        assert sorted(writes) == ["SADD", "SREM", "ZADD", "ZADD", "ZREM"]
+        assert await node.connected_devices(users[0]) == set()
+        assert await node.connected_devices(users[1]) == {"phone", "tablet"}
+    finally:
+        await node.stop()
+        await redis.aclose()
+
+
+async def test_a_dead_nodes_entries_are_removed_and_a_reaped_node_writes_them_again(
+    redis_url: str,
+) -> None:
+    user = f"u-{uuid.uuid4().hex[:10]}"
+    a_id, b_id = f"node-a-{uuid.uuid4().hex[:6]}", f"node-b-{uuid.uuid4().hex[:6]}"
+    hub_a, hub_b = Hub(), Hub()
+    redis = redis_client_for(redis_url)
+    a = RedisPresence(redis, a_id, hub_a, interval=60, ttl=0.5)
+    b = RedisPresence(redis, b_id, hub_b, interval=60, ttl=60)
+    try:
+        hub_a.add(_client(user, "phone", 1))
+        hub_b.add(_client(user, "tablet", 2))
+        await a.beat()
+        await b.beat()
+        assert await redis.zcard(presence_key(user)) == 2
+        await asyncio.sleep(0.6)  # A's expiry passing is what is under test
+        await b.beat()  # B finds A dead and removes its entries
+        assert {m.decode() for m in await redis.zrange(presence_key(user), 0, -1)} == {
+            f"tablet|{b_id}"
+        }
+        assert not await redis.exists(node_devices_key(a_id), node_key(a_id))
+        assert await redis.zscore(NODES_KEY, a_id) is None
+        # A was only late: its next beat learns that it was taken for dead (its heartbeat
+        # key is gone), the one after writes all of its entries again.
+        await a.beat()
+        await a.beat()
+        assert await b.connected_devices(user) == {"phone", "tablet"}
+        assert {m.decode() for m in await redis.smembers(node_devices_key(a_id))} == {
+            f"{user}\x1fphone"
+        }
+    finally:
+        await a.stop()
+        await b.stop()
+        await redis.aclose()
 
 
 def redis_client_for(url: str) -> aioredis.Redis:
