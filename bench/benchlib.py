@@ -78,6 +78,18 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid`` and of its live descendants (a server's worker processes)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += cpu_seconds(p)
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+    return total
+
+
 def percentile(sorted_values: Sequence[float], p: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -183,6 +195,7 @@ class Server(ServerProcess):
         deflate: bool = False,
         env: dict[str, str] | None = None,
         redis_url: str | None = None,
+        workers: int = 1,
     ) -> None:
         self.jwt_secret = secrets.token_urlsafe(32)
         self.api_key = "bench-" + secrets.token_urlsafe(16)
@@ -206,6 +219,7 @@ class Server(ServerProcess):
             },
             args=["--ws", ws],
             log_level="warning",
+            workers=workers,
         )
         for name in ("PORT", "COURIER_REDIS_URL", "REDIS_URL", "WEB_CONCURRENCY"):
             self.env.pop(name, None)
@@ -281,13 +295,13 @@ class Poster:
 
 
 @contextlib.contextmanager
-def courier_on_postgres(redis_url: str) -> Iterator[tuple[Server, Ledger]]:
-    """A production-mode ``courier serve`` on a scratch PostgreSQL ledger and its own
-    Redis db (flushed before and after); stopped when the block ends."""
+def courier_on_postgres(redis_url: str, workers: int = 1) -> Iterator[tuple[Server, Ledger]]:
+    """A production-mode ``courier serve`` (``workers`` processes) on a scratch PostgreSQL
+    ledger and its own Redis db (flushed before and after); stopped when the block ends."""
     flush_redis_db(redis_url)
     try:
         with Ledger("postgres") as ledger:
-            server = Server(ledger.url, ledger.tmp, redis_url=redis_url)
+            server = Server(ledger.url, ledger.tmp, redis_url=redis_url, workers=workers)
             try:
                 server.start()
                 yield server, ledger

@@ -57,7 +57,7 @@ class StormRun:
 
 def run_once(args: argparse.Namespace, run: StormRun, budget: float) -> None:
     users = [f"storm-{i}" for i in range(args.connections)]
-    with benchlib.courier_on_postgres(REDIS) as (server, _):
+    with benchlib.courier_on_postgres(REDIS, args.workers) as (server, _):
         try:
             p0 = time.monotonic()
             asyncio.run(publish_rounds(server, users, args.events, 1000, budget))
@@ -71,13 +71,13 @@ def run_once(args: argparse.Namespace, run: StormRun, budget: float) -> None:
                 ack=True,
             )
             run.frames_expected = len(users) * args.events
-            cpu0 = benchlib.cpu_seconds(server.pid)
+            cpu0 = benchlib.tree_cpu_seconds(server.pid)
             with Fleet(plans) as fleet:
                 hello = fleet.connect(budget)
                 fleet.wait_frames(
                     run.frames_expected, min(budget, time.monotonic() + args.drain_timeout)
                 )
-                run.server_cpu_s = benchlib.cpu_seconds(server.pid) - cpu0
+                run.server_cpu_s = benchlib.tree_cpu_seconds(server.pid) - cpu0
                 seen = fleet.collect()
             run.connected = hello["connected"]
             run.connect_seconds = hello["seconds"]
@@ -100,13 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     add_connection_args(p, "devices, one per user")
     p.add_argument("--events", type=int, default=10, help="missed events per user (E)")
     p.add_argument("--repeat", type=int, default=3, help="runs")
+    p.add_argument(
+        "--workers", type=int, default=1, help="server worker processes (WEB_CONCURRENCY)"
+    )
     p.add_argument("--json", type=Path, default=None, help="default: bench/results/storm-<date>")
     args = p.parse_args(argv)
     benchlib.raise_open_files_limit()
     started = datetime.now().astimezone()
     print(
         f"storm: N={args.connections} devices of as many users, {args.events} missed events"
-        f" each, {args.clients} client processes, {args.repeat} runs",
+        f" each, {args.clients} client processes, {args.workers} server process(es),"
+        f" {args.repeat} runs",
         flush=True,
     )
     runs = []
