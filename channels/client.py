@@ -136,7 +136,7 @@ class Client:
         self.sent_noted = 0  # the sent_seq last handed to the node's cursor buffer
         # While catching up from the ledger, live deliveries wait in ``pending``.
         self.catching_up = True
-        self.pending: list[Delivery] = []
+        self.pending: list[Delivery] | None = None
         self.pending_overflow = False
         self.catch_up_task: asyncio.Task[None] | None = None
         self.writer_task: asyncio.Task[None] | None = None  # only while writing

@@ -30,7 +30,7 @@ from typing import Any
 
 from channels.batching import Coalescer
 from channels.broker import Broker, user_channel
-from channels.client import Client, FastWriter
+from channels.client import Client, CloseHook, FastWriter, SentHook
 from channels.commits import GroupCommit
 from channels.cursors import CursorBuffer
 from channels.disconnect import EVICTED, INTERNAL, REPLACED, RESTART, SLOW, Disconnect
@@ -113,7 +113,9 @@ class _Subscription:
 
     def __init__(self, ready: asyncio.Future[None]) -> None:
         self.refs = 0
-        self.ready = ready
+        # While the SUBSCRIBE is in flight (or failed); None once it is confirmed, so a
+        # subscribed user holds no future.
+        self.ready: asyncio.Future[None] | None = ready
 
 
 class DeviceRefused(Exception):
@@ -200,6 +202,9 @@ class Node:
         self.draining = False
         self.acks_uncounted = 0
         self._sent_users: set[str] = set()  # users whose connections got frames lately
+        # Made once: every connection holds the same two (not a bound method each).
+        self._sent_hook: SentHook = self._on_sent
+        self._close_hook: CloseHook = self._on_close
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -285,8 +290,8 @@ class Node:
             device,
             f"{self.config.node_id}:{next(self._ids)}",
             max_queue=self.config.send_queue_size,
-            on_sent=self._on_sent,
-            on_close=self._on_close,
+            on_sent=self._sent_hook,
+            on_close=self._close_hook,
             rate=self.config.rate_limit_per_second,
             rate_burst=self.config.rate_limit_burst,
             budget=budget,
@@ -398,6 +403,8 @@ class Node:
             sub = self._subs[user] = _Subscription(asyncio.get_running_loop().create_future())
             self._spawn(self._subscribe(user, sub))
         sub.refs += 1
+        if sub.ready is None:
+            return
         try:
             await asyncio.shield(sub.ready)
         except BaseException:
@@ -405,14 +412,17 @@ class Node:
             raise
 
     async def _subscribe(self, user: str, sub: _Subscription) -> None:
+        ready = sub.ready
+        assert ready is not None
         try:
             await self.broker.subscribe([user_channel(user)])
         except Exception as exc:
             if self._subs.get(user) is sub:  # roll back: the next connection tries again
                 del self._subs[user]
-            sub.ready.set_exception(exc)
+            ready.set_exception(exc)
         else:
-            sub.ready.set_result(None)
+            ready.set_result(None)
+            sub.ready = None
 
     def _release(self, user: str, taken: _Subscription | None = None) -> None:
         """Drop one reference; ``taken`` is the subscription it was taken on, if known
@@ -424,7 +434,7 @@ class Node:
         if sub.refs > 0:
             return
         del self._subs[user]
-        if sub.ready.done() and sub.ready.exception() is None:
+        if sub.ready is None:  # subscribed (not in flight, not failed)
             self._spawn(self._unsubscribe(user))
 
     async def _unsubscribe(self, user: str) -> None:
@@ -527,7 +537,9 @@ class Node:
         if client.closed:
             return 0
         if client.catching_up:
-            if len(client.pending) < MAX_PENDING:
+            if client.pending is None:
+                client.pending = [d]
+            elif len(client.pending) < MAX_PENDING:
                 client.pending.append(d)
             else:
                 client.pending_overflow = True
@@ -538,7 +550,7 @@ class Node:
             # A hole in the user's stream: a message overtaken on the bus, or lost. The
             # ledger has it if it does not arrive within the grace period.
             client.catching_up = True
-            client.pending.append(d)
+            client.pending = [d]  # not catching up: nothing was held before
             self._ensure_catch_up(client, grace=GAP_GRACE)
             return 0
         client.position = d.seq
@@ -575,10 +587,13 @@ class Node:
             # Never leave a connection stuck in catch-up: it resumes from the ledger.
             log.exception("catch-up of %s failed; closing it", client.conn_id)
             client.close(INTERNAL)
+        finally:
+            if client.catch_up_task is asyncio.current_task():
+                client.catch_up_task = None  # a finished task is not kept for the connection's life
 
     def _replay_pending(self, client: Client) -> bool:
         """Deliver the buffered live events in seq order; True if that closed every gap."""
-        pending, client.pending = client.pending, []
+        pending, client.pending = client.pending or [], None
         overflow, client.pending_overflow = client.pending_overflow, False
         client.catching_up = False
         pending.sort(key=_seq)

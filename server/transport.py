@@ -23,7 +23,8 @@ Under any other ASGI server the app works as before, without these guarantees.
   only, with one WARNING.
 * A connection holds less: uvicorn's per-connection ``asyncio.Queue`` and flow-control
   ``asyncio.Event`` are replaced by equivalents that allocate only while something
-  waits, and nothing of the handshake's request is kept once the connection is open.
+  waits, nothing of the handshake's request is kept once the connection is open, and
+  its heartbeat timers are deadlines on one shared timer (``channels/deadlines.py``).
 * Text messages are offered to the app's ``on_text`` first (acks are read there, in
   the protocol's own callback); whatever it declines goes the ASGI way.
 * Pings from the peer are charged to the connection's frame budget, the token bucket
@@ -43,6 +44,7 @@ import asyncio
 import functools
 import json
 import logging
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +60,8 @@ try:  # the websockets library's unmasking, in C when its extension is built
 except ImportError:  # pragma: no cover
     from websockets.utils import apply_mask
 
+from channels import deadlines
+from channels.deadlines import Deadline
 from channels.limits import SCOPE_KEY, TokenBucket
 
 FAST_KEY = "courier.fast_send"
@@ -266,9 +270,43 @@ class _Flag:
             await asyncio.shield(self._waiter)
 
 
+class _TimersOnTheWheel:
+    """The event loop as uvicorn's protocol sees it: its timers (the heartbeat's next
+    ping, the pong deadline, the wait for the peer's close) are deadlines on the loop's
+    shared ``Deadlines`` (see ``channels/deadlines.py``), not a loop timer each; all else
+    is the loop itself."""
+
+    __slots__ = ("_loop", "_wheel")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._wheel = deadlines.for_loop(loop)
+
+    def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> Deadline:
+        return self._wheel.call_later(
+            delay, functools.partial(callback, *args) if args else callback
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loop, name)
+
+
+_LOOP_VIEWS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _TimersOnTheWheel] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _loop_view(loop: asyncio.AbstractEventLoop) -> _TimersOnTheWheel:
+    view = _LOOP_VIEWS.get(loop)
+    if view is None:
+        view = _LOOP_VIEWS[loop] = _TimersOnTheWheel(loop)
+    return view
+
+
 class CourierWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.loop = _loop_view(self.loop)  # type: ignore[assignment]
         # Lighter equivalents of uvicorn's per-connection queue and flow-control event.
         self.queue = _Inbox()  # type: ignore[assignment]
         self.writable = _Flag()  # type: ignore[assignment]

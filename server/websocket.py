@@ -17,8 +17,10 @@ from starlette.routing import WebSocketRoute
 from starlette.types import Scope
 from starlette.websockets import WebSocket
 
+from channels import deadlines
 from channels.broker import BrokerUnavailable
 from channels.client import Client, FastWriter
+from channels.deadlines import Deadline
 from channels.disconnect import (
     INTERNAL,
     RATE_LIMITED,
@@ -160,7 +162,7 @@ async def _admit(
         node.disconnect(client)
         raise
     # The connection's scope lives as long as it does: let the request's part go.
-    scope["headers"] = []
+    scope["headers"] = ()
     scope["query_string"] = b""
     return client, fast, _Expiry(svc.auth, identity, client)
 
@@ -215,9 +217,11 @@ class _Expiry:
         self._client = client
         self._timer = self._arm(identity.expires_at)
 
-    def _arm(self, expires_at: float) -> asyncio.TimerHandle:
-        delay = max(0.0, expires_at - time.time())
-        return asyncio.get_running_loop().call_later(delay, self._client.close, TOKEN_EXPIRED)
+    def _arm(self, expires_at: float) -> Deadline:
+        return deadlines.for_loop().call_later(expires_at - time.time(), self._expired)
+
+    def _expired(self) -> None:
+        self._client.close(TOKEN_EXPIRED)
 
     def refresh(self, token: str | None) -> None:
         """Check an in-band token: ``auth_ok`` and a moved expiry, or a close with 4001."""
