@@ -10,6 +10,7 @@ import channels.client
 from channels.client import Client
 from channels.cursors import CursorBuffer
 from channels.disconnect import RESTART, SLOW
+from channels.frames import wire_text
 from channels.hub import Hub
 from tests.fakes import Sink
 
@@ -167,7 +168,9 @@ class Wire:
         return self.ready
 
     def fast_write(self, wire: bytes) -> None:
-        self.sink.sent.append(wire.decode())
+        # A whole unmasked text frame with a short payload (what these tests send).
+        assert wire[0] == 0x81 and wire[1] == len(wire) - 2, wire
+        self.sink.sent.append(wire[2:].decode())
 
 
 async def test_fast_path_writes_at_once_and_never_overtakes_queued_frames() -> None:
@@ -178,23 +181,22 @@ async def test_fast_path_writes_at_once_and_never_overtakes_queued_frames() -> N
         sink, "u", "d", "n:1", max_queue=10, fast=wire, on_sent=lambda c, s, t: seen.append(s)
     )
     client.start()
-    assert client.send("e1", 1, wire=b"e1")  # idle and writable: written at once, no queue
+    assert client.send("e1", 1, wire=wire_text(b"e1"))  # idle, writable: at once, no queue
     assert sink.sent == ["e1"] and client.queued == 0 and client.sent_seq == 1 and not seen
     client.send("hello")  # no wire bytes (a control frame): goes through the queue
-    assert client.send("e2", 2, wire=b"e2")  # something queued: must queue behind it
+    assert client.send("e2", 2, wire=wire_text(b"e2"))  # something queued: queue behind it
     assert client.queued == 2
-    await asyncio.wait_for(client.wait_drained(), 5)
-    assert sink.sent == ["e1", "hello", "e2"]
-    wire.ready = False  # flow control holds writes back: queue
-    assert client.send("e3", 3, wire=b"e3") and client.queued == 1
-    await asyncio.wait_for(client.wait_drained(), 5)
-    wire.ready = True
+    await asyncio.wait_for(client.wait_drained(), 5)  # the writer, writable: the door too
+    assert sink.sent == ["e1", "hello", "e2"] and sink.first_send.is_set() is False
+    wire.ready = False  # flow control holds writes back: queue, and the writer waits
     sink.open.clear()
-    sink.first_send.clear()
-    client.send("e4", 4)  # queued (no wire bytes): the writer takes it and gets stuck
-    await asyncio.wait_for(sink.first_send.wait(), 5)
-    assert client.queued == 0  # e4 is off the queue, in flight, unwritten
-    assert client.send("e5", 5, wire=b"e5")  # writable, queue empty, but e4 is in flight
+    assert client.send("e3", 3, wire=wire_text(b"e3")) and client.queued == 1
+    await asyncio.wait_for(sink.first_send.wait(), 5)  # the writer took e3: stuck in send
+    assert client.queued == 0  # e3 is off the queue, in flight, unwritten
+    wire.ready = True
+    client.send("e4", 4)  # queued behind the frame in flight
+    assert client.send("e5", 5, wire=wire_text(b"e5"))  # writable, but e3 is in flight
+    assert client.queued == 2
     sink.open.set()
     await asyncio.wait_for(client.wait_drained(), 5)
     assert sink.sent == ["e1", "hello", "e2", "e3", "e4", "e5"]
