@@ -41,7 +41,11 @@ fuzz: $(VENV)/.dev
 BENCH      ?= compare
 BENCH_ARGS ?=
 
-bench: $(VENV)/.dev
+$(VENV)/.bench: $(VENV)/.dev
+	$(PIP) install -e '.[bench]'
+	touch $@
+
+bench: $(VENV)/.bench
 	$(BIN)/python bench/$(BENCH).py $(BENCH_ARGS)
 
 clean:

@@ -119,7 +119,23 @@ def finish(name: str, args: Any, started: datetime, runs: Sequence[Any]) -> int:
     run failed."""
     path = save_results(name, args.json, started, args, {"runs": [asdict(r) for r in runs]})
     print(f"{name}: results in {path}")
+    if name == "soak":
+        plot(path)
     return 1 if any(r.error for r in runs) else 0
+
+
+def plot(results: Path) -> None:
+    """The results' PNG figures (bench/plots.py), beside the results file; a hint instead
+    when matplotlib is missing (``make bench`` installs it)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("plots: matplotlib is not installed (pip install -e '.[bench]'); no figures")
+        return
+    from bench import plots
+
+    for written in plots.figures(results, results.parent):
+        print(f"plots: {written}")
 
 
 def median(values: Sequence[float]) -> float:

@@ -392,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         {"socketio": versions, "summary": summary, "runs": [asdict(r) for r in runs]},
     )
     print(f"\ncompare: results in {path}")
+    benchlib.plot(path)
     return 1 if any(r.error for r in runs) else 0
 
 
