@@ -32,6 +32,13 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def compare_figures(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
     plt = _pyplot()
     runs = [r for r in results["runs"] if r.get("error") is None]
@@ -57,11 +64,7 @@ def compare_figures(results: dict[str, Any], out: Path, stem: str) -> list[Path]
         ax.set_ylabel(label)
         ax.set_title(title, fontsize=9)
         ax.legend()
-        fig.tight_layout()
-        path = out / f"{stem}-{name}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, out / f"{stem}-{name}.png"))
 
     bars("frames_per_cpu_s", "frames per server CPU-second", "frames-per-cpu")
     bars("kib_per_conn_idle", "RSS per idle connection, KiB", "memory")
@@ -83,11 +86,7 @@ def compare_figures(results: dict[str, Any], out: Path, stem: str) -> list[Path]
     ax.set_ylabel("publish to device, ms (log)")
     ax.set_title(f"latency per round; {title}", fontsize=9)
     ax.legend()
-    fig.tight_layout()
-    path = out / f"{stem}-latency.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(plt, fig, out / f"{stem}-latency.png"))
     return written
 
 
@@ -107,11 +106,7 @@ def soak_figures(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
             f"{run['connected']:,} connections in one process, {run['rate']:g} publishes/s",
             fontsize=9,
         )
-        fig.tight_layout()
-        path = out / f"{stem}-rss{'' if n == 0 else f'-{n + 1}'}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, out / f"{stem}-rss{'' if n == 0 else f'-{n + 1}'}.png"))
     return written
 
 
