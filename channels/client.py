@@ -184,15 +184,18 @@ class Client:
             self.close(SLOW)
             return False
         queue.append((seq, created_at, frame))
-        if self.writer_task is None and self._started:
-            self.writer_task = asyncio.get_running_loop().create_task(self._write())
+        self._ensure_writer()
         return True
 
     def start(self) -> None:
         """The sink is open: write what was queued meanwhile, and from now on whenever
         something is queued (or the connection is closed: then the close frame)."""
         self._started = True
-        if (self._queue or self.closed) and self.writer_task is None:
+        if self._queue or self.closed:
+            self._ensure_writer()
+
+    def _ensure_writer(self) -> None:
+        if self.writer_task is None and self._started:
             self.writer_task = asyncio.get_running_loop().create_task(self._write())
 
     def close(self, disconnect: Disconnect) -> None:
@@ -205,10 +208,8 @@ class Client:
             self._queue.clear()  # the writer may be iterating it: it stops at once
             self._queue = None
         _resolve(self._drained)
-        loop = asyncio.get_running_loop()
-        self._abort_timer = loop.call_later(CLOSE_TIMEOUT, self._abort)
-        if self.writer_task is None and self._started:
-            self.writer_task = loop.create_task(self._write())  # for the close frame
+        self._abort_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._abort)
+        self._ensure_writer()  # for the close frame
         if self._on_close is not None:
             self._on_close(self, disconnect)
 
@@ -227,9 +228,14 @@ class Client:
     def _abort(self) -> None:
         # The peer did not take even the close frame (it stopped reading): give up on it.
         log.info("connection %s: peer stopped reading, dropping it", self.conn_id)
+        self._drop()
+
+    def _drop(self) -> None:
+        """End the connection's tasks (the writer and the one reading it) as a drop."""
         self.aborted = True
+        current = asyncio.current_task()
         for task in (self.writer_task, self.owner):
-            if task is not None and not task.done():
+            if task is not None and task is not current and not task.done():
                 task.cancel()
 
     def allow_frame(self) -> bool:
@@ -273,9 +279,7 @@ class Client:
             self.closed = True
             if self._abort_timer is not None:
                 self._abort_timer.cancel()
-            if self.owner is not None and not self.owner.done():
-                self.aborted = True
-                self.owner.cancel()
+            self._drop()
 
 
 def _resolve(waiter: asyncio.Future[None] | None) -> None:

@@ -201,8 +201,9 @@ async def _serve(
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
         node.disconnect(client)
-        code = _code(client.disconnect) if client.disconnect is not None else peer_code
-        svc.metrics.disconnects.labels(code_label(code if code is not None else 1006)).inc()
+        # Ours when we closed first, else the peer's (1006 when it just went away).
+        code = peer_code if client.disconnect is None and peer_code is not None else None
+        svc.metrics.disconnects.labels(code_label(code or _code(client.disconnect))).inc()
 
 
 class _Expiry:
