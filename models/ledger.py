@@ -25,9 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import asyncpg
 from sqlalchemy import and_, bindparam, event, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    DisconnectionError,
+    IntegrityError,
+    SQLAlchemyError,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from models.tables import devices, events, push_registrations, pushes, skipped, streams
@@ -225,19 +232,25 @@ _PG_ALLOCATE = text(
     " ON CONFLICT (user_id) DO UPDATE SET last_seq = streams.last_seq + EXCLUDED.last_seq"
     " RETURNING user_id, last_seq"
 )
-_PG_RECORD_ONE = text(  # Ledger._record_one: a lone event in one autocommitted statement
-    "WITH known AS (SELECT user_id, seq, digest FROM events WHERE id = :id),"
+_PG_RECORD_NEW = (  # Ledger._record_new: a batch of new events in one statement (asyncpg)
+    "WITH input AS (SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::varchar[],"
+    " $4::varchar[], $5::text[], $6::bigint[], $7::varchar[], $8::bigint[], $9::text[])"
+    " WITH ORDINALITY AS t(id, user_id, device_id, kind, data, expires_at, digest, push_at,"
+    " notification, ord)),"
+    " known AS (SELECT FROM unnest($1::varchar[]) AS k(id) JOIN events e ON e.id = k.id),"
     " alloc AS (INSERT INTO streams (user_id, last_seq)"
-    " SELECT :user_id, 1 WHERE NOT EXISTS (SELECT 1 FROM known)"
-    " ON CONFLICT (user_id) DO UPDATE SET last_seq = streams.last_seq + 1"
-    " RETURNING last_seq),"
-    " ins AS (INSERT INTO events (user_id, seq, id, device_id, kind, data, created_at,"
-    " expires_at, collapse, digest, push_at, notification)"
-    " SELECT :user_id, alloc.last_seq, :id, :device_id, :kind, :data, :created_at,"
-    " :expires_at, NULL, :digest, :push_at, :notification FROM alloc"
-    " ON CONFLICT (id) DO NOTHING RETURNING seq)"
-    " SELECT (SELECT seq FROM ins), k.user_id, k.seq, k.digest"
-    " FROM (SELECT 1) AS one LEFT JOIN known AS k ON true"
+    " SELECT * FROM unnest($11::varchar[], $12::bigint[]) WHERE NOT EXISTS (SELECT FROM known)"
+    " ON CONFLICT (user_id) DO UPDATE SET last_seq = streams.last_seq + EXCLUDED.last_seq"
+    " RETURNING user_id, last_seq),"
+    " counted AS (SELECT u, n FROM unnest($11::varchar[], $12::bigint[]) AS c(u, n))"
+    " INSERT INTO events (user_id, seq, id, device_id, kind, data, created_at, expires_at,"
+    " collapse, digest, push_at, notification)"
+    " SELECT i.user_id,"
+    " a.last_seq - c.n + row_number() OVER (PARTITION BY i.user_id ORDER BY i.ord),"
+    " i.id, i.device_id, i.kind, i.data, $10, i.expires_at, NULL, i.digest, i.push_at,"
+    " i.notification"
+    " FROM input i JOIN alloc a ON a.user_id = i.user_id JOIN counted c ON c.u = i.user_id"
+    " RETURNING id, seq"
 )
 _PG_REGISTER = text(
     "WITH up AS ("
@@ -250,8 +263,9 @@ _PG_REGISTER = text(
     " COALESCE(s.pruned_seq, 0), up.inserted"
     " FROM up LEFT JOIN streams s ON s.user_id = up.user_id"
 )
-_PG_LOOKUP_IDS = text(
-    "SELECT id, user_id, seq, digest FROM events WHERE id = ANY(CAST(:ids AS varchar[]))"
+_PG_LOOKUP_IDS = text(  # a join, not "id = ANY(:ids)": the planner scanned the table for that
+    "SELECT e.id, e.user_id, e.seq, e.digest"
+    " FROM unnest(CAST(:ids AS varchar[])) AS k(id) JOIN events e ON e.id = k.id"
 )
 _PG_HEADS = text(
     "SELECT user_id, last_seq FROM streams WHERE user_id = ANY(CAST(:users AS varchar[]))"
@@ -319,14 +333,25 @@ def create_engine(url: str) -> AsyncEngine:
             cur.close()
 
         return engine
-    return create_async_engine(
+    engine = create_async_engine(
         url,
         pool_size=10,
         max_overflow=10,
         pool_timeout=5,
-        pool_pre_ping=True,
         connect_args={"timeout": 5, "command_timeout": 15},
     )
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _alive(_dbapi_conn: Any, _record: Any, proxy: Any) -> None:
+        # A pooled connection the server closed (a restart, an idle timeout) is known to
+        # asyncpg without a round trip; the pool replaces it. SQLAlchemy's pre-ping would
+        # ask the server on every checkout (BEGIN, SELECT, ROLLBACK: three round trips,
+        # more than the single statement of a publish). A connection that fails in use is
+        # invalidated with the rest of the pool, as SQLAlchemy does on any disconnect.
+        if proxy.driver_connection.is_closed():
+            raise DisconnectionError("the pooled connection was closed")
+
+    return engine
 
 
 class Ledger:
@@ -384,10 +409,14 @@ class Ledger:
         if not batch:
             return []
         now = now_ms() if now is None else now
-        if self.dialect == "postgresql" and len(batch) == 1 and batch[0].collapse is None:
-            lone = await self._record_one(batch[0], now)
-            if lone is not None:
-                return [lone]
+        if (
+            self.dialect == "postgresql"
+            and all(e.collapse is None for e in batch)
+            and len({e.id for e in batch}) == len(batch)
+        ):
+            fresh = await self._record_new(batch, now)
+            if fresh is not None:
+                return fresh
         for attempt in range(3):
             try:
                 async with self._tx() as conn:
@@ -399,38 +428,57 @@ class Ledger:
                 log.warning("ledger: deadlock recording a batch, retrying")
         raise AssertionError("unreachable")
 
-    async def _record_one(self, e: NewEvent, now: int) -> Recorded | None:
-        """A lone event without a collapse key (the usual single publish at low load), on
-        PostgreSQL: looked up, given its seq and inserted by one statement, committed on
-        its own (one round trip instead of five). None when a concurrent publish of the
-        same id got in between: the full path answers that one."""
-        expires_at = None if e.ttl is None else now + e.ttl * 1000
-        digest = e.content()
-        params = {
-            "id": e.id,
-            "user_id": e.user,
-            "device_id": e.device,
-            "kind": e.kind,
-            "data": e.data,
-            "created_at": now,
-            "expires_at": expires_at,
-            "digest": digest,
-            "push_at": _push_at(e, now),
-            "notification": e.notification,
-        }
-        async with self._tx(autocommit=True) as conn:
-            row = (await conn.execute(_PG_RECORD_ONE, params)).one()
-        seq, known_user, known_seq, known_digest = row
-        if seq is not None:
-            ev = StoredEvent(
-                e.user, int(seq), e.id, e.kind, e.data, now, e.device, expires_at, None
-            )
-            return Recorded(e.id, e.user, ev.seq, False, ev)
-        if known_user is None:
+    async def _record_new(self, batch: Sequence[NewEvent], now: int) -> list[Recorded] | None:
+        """A batch of new events, none with a collapse key (every publish unless a publisher
+        retries): ids looked up, seqs allocated and events inserted by one statement on
+        PostgreSQL, committed on its own (one round trip instead of six, without
+        SQLAlchemy's per-statement work). None when that cannot answer: an id is in the
+        ledger already, or a concurrent publish of one of the ids got in first (its unique
+        violation undoes the whole statement). The full path answers those."""
+        ids = [e.id for e in batch]
+        counts = Counter(e.user for e in batch)
+        users = sorted(counts)
+        expires = [None if e.ttl is None else now + e.ttl * 1000 for e in batch]
+        args = (
+            ids,
+            [e.user for e in batch],
+            [e.device for e in batch],
+            [e.kind for e in batch],
+            [e.data for e in batch],
+            expires,
+            [e.content() for e in batch],
+            [_push_at(e, now) for e in batch],
+            [e.notification for e in batch],
+            now,
+            users,
+            [counts[u] for u in users],
+        )
+        try:
+            async with self.engine.connect() as conn:
+                raw = await conn.get_raw_connection()
+                pg: asyncpg.Connection = raw.driver_connection  # type: ignore[assignment]
+                try:
+                    rows = await pg.fetch(_PG_RECORD_NEW, *args)
+                except (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError):
+                    return None
+                except (asyncpg.InterfaceError, OSError):
+                    await conn.invalidate()
+                    raise
+        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+            raise LedgerRefused(_describe(exc)) from exc
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, SQLAlchemyError) as exc:
+            raise LedgerUnavailable(_describe(exc)) from exc
+        except (OSError, TimeoutError) as exc:
+            raise LedgerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        if len(rows) != len(batch):
             return None
-        if known_digest is not None and known_digest != digest:
-            raise IdConflict([0])
-        return Recorded(e.id, known_user, int(known_seq), True, None)
+        seqs: dict[str, int] = {row[0]: row[1] for row in rows}
+        answers = []
+        for e, expires_at in zip(batch, expires, strict=True):
+            seq = seqs[e.id]
+            ev = StoredEvent(e.user, seq, e.id, e.kind, e.data, now, e.device, expires_at, None)
+            answers.append(Recorded(e.id, e.user, seq, False, ev))
+        return answers
 
     async def _record(
         self, conn: AsyncConnection, batch: Sequence[NewEvent], now: int

@@ -205,6 +205,54 @@ class CourierHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.transport is self.transport:  # a new request's
+            one = _OneWrite(self.transport, cycle.on_response)
+            cycle.transport = one  # type: ignore[assignment]
+            cycle.on_response = one.completed
+
+
+class _OneWrite:
+    """A response's view of its connection: the head (written by uvicorn at
+    ``http.response.start``) waits for the first piece of the body, so that a response is
+    one write, one system call, instead of two. A response without a body part (HEAD, an
+    error) is flushed when it completes or its connection closes; an interim
+    ``100 Continue`` is written at once. What uvicorn's response cycle uses of a
+    transport: ``write``, ``close``, ``is_closing``."""
+
+    __slots__ = ("_head", "_on_response", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, on_response: Callable[[], None]) -> None:
+        self._transport = transport
+        self._head: bytes | None = None
+        self._on_response = on_response
+
+    def completed(self) -> None:
+        """The cycle's ``on_response``: the response is complete."""
+        self.flush()
+        self._on_response()
+
+    def write(self, data: bytes) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            self._transport.write(head + data)
+        elif data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 100 "):
+            self._head = data
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
 
 
 class _Inbox:

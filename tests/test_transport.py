@@ -141,6 +141,49 @@ async def test_a_trickled_publish_body_is_answered_408(edge: ServerProcess) -> N
     writer.close()
 
 
+async def _answer(reader: asyncio.StreamReader, head_only: bool = False) -> tuple[int, bytes]:
+    """One HTTP answer off a kept-alive connection: its status and body."""
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        body = b"" if head_only else await reader.readexactly(length)
+    return int(head.split(b" ", 2)[1]), body
+
+
+async def test_answers_are_whole_and_in_order_head_pipelined_and_after_100_continue(
+    edge: ServerProcess,
+) -> None:
+    # A response is written at once, head and body; one without a body (HEAD) and the
+    # interim 100 Continue must not wait for a body that never comes.
+    reader, writer = await _open(edge)
+    writer.write(
+        b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    assert await _answer(reader, head_only=True) == (200, b"")
+    status, body = await _answer(reader)
+    assert status == 200 and b"ok" in body
+    status, body = await _answer(reader)
+    assert status == 404 and b'"not_found"' in body
+    event = b'{"user": "%s", "kind": "block.grabbed"}' % unique().encode()
+    writer.write(
+        b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + API_KEY.encode() + b"\r\nExpect: 100-continue\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(event)
+    )
+    async with asyncio.timeout(5):
+        assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(event)
+    status, body = await _answer(reader)
+    assert status == 201 and b'"seq":1' in body
+    writer.close()
+
+
 async def test_a_ping_flood_is_dropped_with_bounded_memory(edge: ServerProcess) -> None:
     user = unique()
     phone = await Device.connect(edge, user, "calm")
