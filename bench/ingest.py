@@ -40,6 +40,8 @@ class IngestResult:
     request_p50_ms: float = float("nan")
     request_p99_ms: float = float("nan")
     server_cpu_s: float = 0.0
+    publishes_per_commit: float = float("nan")
+    """Publishes that shared a ledger transaction, on average (group commit)."""
     error: str | None = None
 
 
@@ -98,6 +100,12 @@ def run_once(args: argparse.Namespace, ledger_kind: str, batch: int) -> IngestRe
                 )
             )
             result.server_cpu_s = benchlib.cpu_seconds(server.pid) - cpu0
+            counts = server.metrics()
+            commits = counts.get("courier_publish_commits_total", 0.0)
+            if commits:
+                result.publishes_per_commit = (
+                    counts.get("courier_publish_commit_publishes_total", 0.0) / commits
+                )
             result.events, result.requests, result.seconds = events, requests, seconds
             result.events_per_s = events / seconds if seconds else 0.0
             lat.sort()
@@ -143,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"  run {ledger_kind} batch={batch}: {r.events} events in {r.seconds:.2f}s"
                     f" = {r.events_per_s:,.0f}/s ({r.requests} requests, p50"
                     f" {r.request_p50_ms:.1f} ms, p99 {r.request_p99_ms:.1f} ms, server CPU"
-                    f" {r.server_cpu_s:.1f}s)" + (f"\n    ERROR: {r.error}" if r.error else ""),
+                    f" {r.server_cpu_s:.1f}s, {r.publishes_per_commit:.1f} publishes per"
+                    " commit)" + (f"\n    ERROR: {r.error}" if r.error else ""),
                     flush=True,
                 )
                 results.append(r)

@@ -54,9 +54,12 @@ class GroupCommit:
         spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
         *,
         max_events: int = MAX_GROUP_EVENTS,
+        on_commit: Callable[[int], None] | None = None,
     ) -> None:
+        """``on_commit(publishes)``: called after each shared transaction commits."""
         self._record = record
         self._spawn = spawn
+        self._on_commit = on_commit
         self.max_events = max_events
         self._queue: deque[_Pending] = deque()
         self._task: asyncio.Task[None] | None = None
@@ -128,6 +131,8 @@ class GroupCommit:
                 return
             self.transactions += 1
             self.batches += len(group)
+            if self._on_commit is not None:
+                self._on_commit(len(group))
             start = 0
             for pending in group:
                 end = start + len(pending.batch)

@@ -19,6 +19,17 @@ class Metrics:
         self.events_published = Counter(
             "courier_events_published", "Events recorded in the ledger", registry=r
         )
+        self.commits = Counter(
+            "courier_publish_commits",
+            "Ledger transactions that recorded publishes (several share one under load)",
+            registry=r,
+        )
+        self.commit_publishes = Counter(
+            "courier_publish_commit_publishes",
+            "Publishes those transactions recorded (over courier_publish_commits_total: the"
+            " publishes per transaction)",
+            registry=r,
+        )
         self.events_conflict = Counter(
             "courier_events_id_conflict",
             "Publishes refused because their id was used for other content",
@@ -94,3 +105,7 @@ class Metrics:
             buckets=(1, 2.5, 5, 10, 15, 20, 30, 60, 120, 300, 900, 3600),
             registry=r,
         )
+
+    def count_commit(self, publishes: int) -> None:
+        self.commits.inc()
+        self.commit_publishes.inc(publishes)

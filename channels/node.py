@@ -191,7 +191,7 @@ class Node:
         self._reconcile_now = asyncio.Event()
         self._registrar = _Registrar(ledger, self._spawn, config.device_limit, self._evict)
         self.outbox = Outbox(broker, self._spawn)
-        self.commits = GroupCommit(ledger.record, self._spawn)
+        self.commits = GroupCommit(ledger.record, self._spawn, on_commit=metrics.count_commit)
         page = max(1, min(config.backfill_page, config.send_queue_size // 2))
         self._backfill: Coalescer[tuple[str, str, int], tuple[list[StoredEvent], int]] = Coalescer(
             lambda wanted: ledger.backfill_many(wanted, page),
