@@ -55,6 +55,8 @@ class LatencyRun:
     max_ms: float = float("nan")
     answer_p50_ms: float = float("nan")
     answer_p99_ms: float = float("nan")
+    late_p99_ms: float = float("nan")
+    """How late the publisher itself sent (the load generator's share of the latency)."""
     server_cpu_s: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
     error: str | None = None
@@ -78,7 +80,9 @@ async def _publish(
     tasks: set[asyncio.Task[None]] = set()
     last_answer = 0.0
 
-    async def one(i: int, due_us: int) -> None:
+    late: list[float] = []
+
+    async def one(i: int, due_us: int, due: float) -> None:
         nonlocal last_answer
         body = json.dumps(
             {"user": users[i % len(users)], "kind": "bench.latency", "data": {"t": due_us}}
@@ -86,9 +90,11 @@ async def _publish(
         started = time.monotonic()
         try:
             if redis_client is not None:
+                late.append((time.monotonic() - due) * 1000)
                 await redis_client.xadd("courier:ingest", {"event": body})
             else:
                 conn = await pool.get()
+                late.append((time.monotonic() - due) * 1000)
                 try:
                     status, _ = await conn.post(body)
                 finally:
@@ -110,12 +116,14 @@ async def _publish(
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        task = asyncio.create_task(one(i, wall0_us + int(i / args.rate * 1e6)))
+        task = asyncio.create_task(one(i, wall0_us + int(i / args.rate * 1e6), due))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     if tasks:
         await asyncio.wait(tasks)
     run.events = total
+    if late:
+        run.late_p99_ms = sorted(late)[min(len(late) - 1, int(len(late) * 0.99))]
     if last_answer:
         run.achieved_rate = total / (last_answer - t0)
     while not pool.empty():
@@ -186,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"  run {i} {mode}: {run.frames}/{run.events} events at"
                 f" {run.achieved_rate:,.0f}/s; latency p50/p95/p99/max {run.p50_ms:.1f}/"
                 f"{run.p95_ms:.1f}/{run.p99_ms:.1f}/{run.max_ms:.1f} ms; answer p50/p99"
-                f" {run.answer_p50_ms:.1f}/{run.answer_p99_ms:.1f} ms; server CPU"
+                f" {run.answer_p50_ms:.1f}/{run.answer_p99_ms:.1f} ms; sent late p99"
+                f" {run.late_p99_ms:.1f} ms; server CPU"
                 f" {run.server_cpu_s:.1f}s{'; ERROR ' + run.error if run.error else ''}",
                 flush=True,
             )
