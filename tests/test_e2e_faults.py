@@ -8,10 +8,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import asyncpg
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import _pg_admin, assert_graceful_stop, fresh_postgres
+from tests.conftest import PG_ADMIN_DSN, _pg_admin, assert_graceful_stop, fresh_postgres
 from tests.harness import Device, ServerProcess, unique, until
 
 pytestmark = pytest.mark.e2e
@@ -137,6 +138,42 @@ async def test_unreachable_ledger_answers_503_and_keeps_phones(
         retry = await server.post({"user": user, "kind": "k", "id": "during-outage"})
         assert retry.status_code == 201  # nothing was half-written by the failed attempt
         assert (await phone.event())["id"] == "during-outage"
+        await phone.close()
+    assert "Traceback" not in server.log(), server.log()
+
+
+async def test_the_first_publish_after_the_ledgers_connections_were_cut_is_recorded(
+    own_database: tuple[str, str], tmp_path: Path
+) -> None:
+    # The pool learns without a round trip that a connection was closed under it (an
+    # administrator's kill, a restart): the next publish takes a fresh one, no 503.
+    url, name = own_database
+    user = unique()
+    with running(url, tmp_path) as server:
+        phone = await Device.connect(server, user, "p")
+        await asyncio.gather(*(server.publish(user) for _ in range(8)))  # pooled connections
+        admin = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
+        try:
+            cut = await admin.fetch(
+                "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                name,
+            )
+            assert cut, "the server held no ledger connection"
+            pids = [row["pid"] for row in cut]
+
+            async def gone() -> bool:
+                alive = await admin.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[])", pids
+                )
+                return alive == 0
+
+            await until(gone, timeout=10)
+        finally:
+            await admin.close()
+        response = await server.post({"user": user, "kind": "k", "id": "after-the-cut"})
+        assert response.status_code == 201, response.text
+        seqs = [(await phone.event())["seq"] for _ in range(9)]
+        assert seqs == list(range(1, 10))
         await phone.close()
     assert "Traceback" not in server.log(), server.log()
 
