@@ -295,3 +295,18 @@ async def _until_recorded(env: Env, n: int) -> None:
         return len(await env.events()) >= n
 
     await until(recorded)  # the ledger has no change notification to await
+
+
+async def test_a_lease_renewed_a_moment_ago_is_held_without_asking_redis(env: Env) -> None:
+    consumer = env.consumer("c1", lease_seconds=0.6)
+    assert await consumer.renew_lease()
+    await env.redis.delete(consumer.lease_key)  # what Redis holds is not looked at ...
+    assert await consumer.hold_lease()
+    assert await env.redis.get(consumer.lease_key) is None
+    await asyncio.sleep(0.25)  # past a third of the lease (the threshold, not a synchronisation)
+    assert await consumer.hold_lease()  # ... until a third of the lease has gone by
+    assert await env.redis.get(consumer.lease_key) == b"c1"
+    other = env.consumer("c2", lease_seconds=0.6)
+    assert not await other.hold_lease()  # another node may not record meanwhile
+    assert not other.leader
+    await env.redis.delete(consumer.lease_key)
