@@ -36,7 +36,7 @@ fuzz: $(VENV)/.dev
 	COURIER_FUZZ_EXAMPLES=$${COURIER_FUZZ_EXAMPLES:-100000} $(BIN)/pytest -q tests/test_fuzz.py --timeout 0
 
 # `make bench`: Courier against Socket.IO 4.8 (needs node and npm; bench/compare.py).
-# `make bench BENCH=fanout|ingest|latency|storm`: the Courier-only benchmarks.
+# `make bench BENCH=fanout|ingest|latency|storm|soak|record`: the Courier-only benchmarks.
 # BENCH_ARGS passes options, e.g. BENCH_ARGS="--connections 2000 --repeat 1".
 BENCH      ?= compare
 BENCH_ARGS ?=
