@@ -159,3 +159,19 @@ async def test_a_whole_float_ttl_is_published(api_server: ServerProcess) -> None
     assert first.status_code == 201, first.text
     again = await api_server.post({**event, "ttl": 600})
     assert again.status_code == 200 and again.json()["duplicate"], again.text
+
+
+def test_deployment_guide_lists_exactly_the_metrics() -> None:
+    from channels.metrics import Metrics
+
+    guide = (Path(__file__).parent.parent / "docs" / "deployment.md").read_text()
+    section = guide.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    listed = {
+        cells[1].strip("` ")
+        for line in section.splitlines()
+        if line.startswith("| `") and len(cells := line.split("|")) > 2
+    }
+    served = set()
+    for family in Metrics().registry.collect():
+        served.add(family.name + ("_total" if family.type == "counter" else ""))
+    assert listed == served
