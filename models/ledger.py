@@ -252,6 +252,13 @@ _PG_RECORD_NEW = (  # Ledger._record_new: a batch of new events in one statement
     " FROM input i JOIN alloc a ON a.user_id = i.user_id JOIN counted c ON c.u = i.user_id"
     " RETURNING id, seq"
 )
+_PG_SUPERSEDE = text(  # Ledger._supersede: every (user, device, collapse) key at once
+    "UPDATE events AS e SET superseded_by = k.seq"
+    " FROM unnest(CAST(:users AS varchar[]), CAST(:devices AS varchar[]),"
+    " CAST(:collapses AS varchar[]), CAST(:seqs AS bigint[])) AS k(u, d, c, seq)"
+    " WHERE e.user_id = k.u AND e.collapse = k.c AND e.device_id IS NOT DISTINCT FROM k.d"
+    " AND e.seq < k.seq AND e.superseded_by IS NULL"
+)
 _PG_REGISTER = text(
     "WITH up AS ("
     " INSERT INTO devices (user_id, device_id, acked_seq, sent_seq, created_at, last_seen)"
@@ -624,6 +631,20 @@ class Ledger:
             if ev.collapse is not None:
                 key = (ev.user, ev.device, ev.collapse)
                 newest[key] = max(newest.get(key, 0), ev.seq)
+        if not newest:
+            return
+        if self.dialect == "postgresql":  # one statement for every key of the batch
+            keys = list(newest)
+            await conn.execute(
+                _PG_SUPERSEDE,
+                {
+                    "users": [k[0] for k in keys],
+                    "devices": [k[1] for k in keys],
+                    "collapses": [k[2] for k in keys],
+                    "seqs": [newest[k] for k in keys],
+                },
+            )
+            return
         for (user, device, collapse), seq in newest.items():
             target = (
                 events.c.device_id.is_(None) if device is None else events.c.device_id == device
