@@ -633,6 +633,9 @@ class Ledger:
                 newest[key] = max(newest.get(key, 0), ev.seq)
         if not newest:
             return
+        # Its own statement after the seqs were allocated: under READ COMMITTED it sees an
+        # event of the same key that a concurrent batch committed while this one waited
+        # for the user's row lock (one statement with the insert would not).
         if self.dialect == "postgresql":  # one statement for every key of the batch
             keys = list(newest)
             await conn.execute(
