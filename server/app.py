@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import io
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -243,12 +245,12 @@ def create_app(settings: Settings) -> Starlette:
         finally:
             drain.uninstall()
             if dispatcher is not None:
-                await dispatcher.stop()
+                await bounded_step("the push dispatcher's stop", dispatcher.stop())
             for stop in redis_stops:  # the ingest consumer first: nothing new while draining
-                await stop()
+                await bounded_step(f"{stop.__name__}", stop())
             await node.drain(seconds=min(settings.drain_seconds, 2.0))
-            await node.stop()
-            await ledger.close()
+            await bounded_step("the node's stop", node.stop(), seconds=8.0)
+            await bounded_step("closing the ledger's pool", ledger.close())
             transport.count_refusals(None)
             gc.unfreeze()
             log.info("node %s stopped", settings.node_id)
@@ -258,6 +260,32 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error, Exception: internal_error},
     )
+
+
+SHUTDOWN_STEP_SECONDS = 5.0
+
+
+async def bounded_step(
+    step: str, work: Awaitable[None], seconds: float = SHUTDOWN_STEP_SECONDS
+) -> None:
+    """One step of the shutdown, given ``seconds``: a step that hangs (a peer that never
+    answers, a bug) must not keep the process from exiting, and the log says which step
+    it was and where it waited."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if done:
+        task.result()  # its failure is the shutdown's, as it was without the bound
+        return
+    where = io.StringIO()
+    task.print_stack(file=where)
+    log.error(
+        "shutdown: %s did not finish within %gs; going on without it. It waited at:\n%s",
+        step,
+        seconds,
+        where.getvalue().rstrip(),
+    )
+    task.cancel()
+    await asyncio.wait({task}, timeout=1.0)
 
 
 class CourierApp(Starlette):
