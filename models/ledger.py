@@ -316,6 +316,10 @@ _SQLITE_ALLOCATE = _sqlite_streams.on_conflict_do_update(
 ).returning(streams.c.user_id, streams.c.last_seq)
 
 
+def _expires_at(e: NewEvent, now: int) -> int | None:
+    return None if e.ttl is None else now + e.ttl * 1000
+
+
 def _push_at(e: NewEvent, now: int) -> int | None:
     return None if e.push_after is None else now + e.push_after * 1000
 
@@ -445,7 +449,7 @@ class Ledger:
         ids = [e.id for e in batch]
         counts = Counter(e.user for e in batch)
         users = sorted(counts)
-        expires = [None if e.ttl is None else now + e.ttl * 1000 for e in batch]
+        expires = [_expires_at(e, now) for e in batch]
         args = (
             ids,
             [e.user for e in batch],
@@ -524,7 +528,7 @@ class Ledger:
                     data=e.data,
                     created_at=now,
                     device=e.device,
-                    expires_at=None if e.ttl is None else now + e.ttl * 1000,
+                    expires_at=_expires_at(e, now),
                     collapse=e.collapse,
                 )
                 stored[e.id] = ev

@@ -65,6 +65,14 @@ class InputError(Exception):
         self.status = status
 
 
+def error_body(code: str, message: str, field: str | None = None) -> dict[str, Any]:
+    """The JSON body of every refusal: ``{"error": {"code", "message", "field"?}}``."""
+    body: dict[str, Any] = {"code": code, "message": message}
+    if field is not None:
+        body["field"] = field
+    return {"error": body}
+
+
 def error_response(
     status: int,
     code: str,
@@ -72,10 +80,7 @@ def error_response(
     field: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    body: dict[str, Any] = {"code": code, "message": message}
-    if field is not None:
-        body["field"] = field
-    return JSONResponse({"error": body}, status_code=status, headers=headers)
+    return JSONResponse(error_body(code, message, field), status_code=status, headers=headers)
 
 
 UNAUTHORIZED = "a valid publisher key is required (Authorization: Bearer)"
@@ -85,8 +90,12 @@ def unauthorized() -> JSONResponse:
     return error_response(401, "unauthorized", UNAUTHORIZED)
 
 
+def unavailable_message(exc: Exception) -> str:
+    return f"the ledger is unreachable: {exc}"
+
+
 def unavailable(exc: Exception) -> JSONResponse:
-    return error_response(503, "ledger_unavailable", f"the ledger is unreachable: {exc}")
+    return error_response(503, "ledger_unavailable", unavailable_message(exc))
 
 
 def parse_event(obj: Any, path: str, limits: Limits) -> NewEvent:
@@ -288,10 +297,7 @@ class Answer(NamedTuple):
 
 
 def _error(status: int, code: str, message: str, field: str | None = None) -> Answer:
-    body: dict[str, Any] = {"code": code, "message": message}
-    if field is not None:
-        body["field"] = field
-    return Answer(status, {"error": body}, close=status in (408, 413, 500))
+    return Answer(status, error_body(code, message, field), close=status in (408, 413, 500))
 
 
 class Publish:
@@ -348,7 +354,7 @@ async def _publish(scope: Scope, receive: Receive) -> Answer:
     try:
         answers = await svc.node.publish(batch)
     except LedgerUnavailable as exc:
-        return _error(503, "ledger_unavailable", f"the ledger is unreachable: {exc}")
+        return _error(503, "ledger_unavailable", unavailable_message(exc))
     except IdConflict as exc:
         first = exc.indexes[0]
         return _error(

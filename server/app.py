@@ -247,7 +247,7 @@ def create_app(settings: Settings) -> Starlette:
             if dispatcher is not None:
                 await bounded_step("the push dispatcher's stop", dispatcher.stop())
             for stop in redis_stops:  # the ingest consumer first: nothing new while draining
-                await bounded_step(f"{stop.__name__}", stop())
+                await bounded_step(stop.__name__, stop())
             await node.drain(seconds=min(settings.drain_seconds, 2.0))
             await bounded_step("the node's stop", node.stop(), seconds=8.0)
             await bounded_step("closing the ledger's pool", ledger.close())
