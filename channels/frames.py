@@ -7,6 +7,7 @@ hands the very same frame text to every local connection.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -20,7 +21,14 @@ PONG = '{"type":"pong"}'
 
 def iso_ms(ms: int) -> str:
     seconds, millis = divmod(ms, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    return f"{_iso_seconds(seconds)}.{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _iso_seconds(seconds: int) -> str:
+    """Events come in bursts of the same second: a backfill formats thousands of times
+    from a handful of seconds."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 def event_frame(ev: StoredEvent) -> str:

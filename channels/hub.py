@@ -15,12 +15,16 @@ class Hub:
         self._by_user: dict[str, dict[str, Client]] = {}
         self._by_device: dict[tuple[str, str], Client] = {}
         self._count = 0  # kept, not summed: every handshake reads it (the connection cap)
+        # Users whose connections changed since ``take_changed``, once someone tracks them.
+        self._changed: set[str] | None = None
 
     def add(self, client: Client) -> Client | None:
         """Register ``client``; answers the connection of the same device it displaces."""
         conns = self._by_user.setdefault(client.user, {})
         if client.conn_id not in conns:
             self._count += 1
+        if self._changed is not None:
+            self._changed.add(client.user)
         conns[client.conn_id] = client
         key = (client.user, client.device)
         previous = self._by_device.get(key)
@@ -33,6 +37,8 @@ class Hub:
         if conns is None or conns.pop(client.conn_id, None) is None:
             return False
         self._count -= 1
+        if self._changed is not None:
+            self._changed.add(client.user)
         key = (client.user, client.device)
         if self._by_device.get(key) is client:
             del self._by_device[key]
@@ -54,6 +60,16 @@ class Hub:
     def all(self) -> Iterator[Client]:
         for conns in list(self._by_user.values()):
             yield from list(conns.values())
+
+    def track_changes(self) -> None:
+        """From now on, note every user whose connections change (see ``take_changed``)."""
+        if self._changed is None:
+            self._changed = set()
+
+    def take_changed(self) -> set[str]:
+        """The users whose connections changed since the last call (once tracked)."""
+        changed, self._changed = self._changed or set(), set()
+        return changed
 
     def __len__(self) -> int:
         return self._count

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+)
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
+        # The process (RSS, CPU, open files against their limit) and its garbage collector
+        # (collections and what they found, per generation): what a connection costs.
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
         self.connections = Gauge("courier_connections", "Device connections open now", registry=r)
         self.connects = Counter("courier_connects", "Device connections accepted", registry=r)
         self.handshake_refusals = Counter(

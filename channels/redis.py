@@ -497,6 +497,7 @@ class RedisPresence:
         self.ttl = ttl
         self._written: dict[str, set[str]] = {}  # user -> devices Redis has from this node
         self._rewrite = False  # write every entry at the next beat, not only the changes
+        hub.track_changes()  # a beat looks only at users whose connections changed
         self._task: asyncio.Task[None] | None = None
 
     async def connected_devices(self, user: str) -> set[str]:
@@ -543,41 +544,53 @@ class RedisPresence:
 
     async def beat(self) -> None:
         """The heartbeat and the entries that changed since the last beat (one pipeline),
-        then the removal of dead nodes' entries, if any node died."""
+        then the removal of dead nodes' entries, if any node died. Only the users whose
+        connections changed are looked at (all of them after a failed beat)."""
         now = _now_ms()
         ttl_ms = int(self.ttl * 1000)
-        current: dict[str, set[str]] = {}
-        for client in self.hub.all():
-            if not client.closed:
-                current.setdefault(client.user, set()).add(client.device)
+        hub = self.hub
         written = self._written
         rewrite = self._rewrite
+        users = hub.take_changed()
+        if rewrite:
+            users.update(written)
+            users.update(hub.users())
+        now_written: dict[str, set[str]] = {}  # the new entries of the users looked at
         mine = node_devices_key(self.node_id)
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.zadd(NODES_KEY, {self.node_id: now + ttl_ms})
-            pipe.set(node_key(self.node_id), len(self.hub), px=ttl_ms, get=True)
-            for user, devices in current.items():
+            pipe.set(node_key(self.node_id), len(hub), px=ttl_ms, get=True)
+            members: list[str] = []
+            gone_members: list[str] = []
+            for user in users:
+                devices = {c.device for c in hub.clients(user) if not c.closed}
                 before = written.get(user)
+                now_written[user] = devices
                 if before == devices and not rewrite:
                     continue
                 added = devices - before if before and not rewrite else devices
                 gone = before - devices if before else ()
                 if added:
                     pipe.zadd(presence_key(user), {self._member(d): now for d in added})
-                    pipe.sadd(mine, *(user + _SEP + d for d in added))
+                    members += [user + _SEP + d for d in added]
                 if gone:
                     pipe.zrem(presence_key(user), *(self._member(d) for d in gone))
-                    pipe.srem(mine, *(user + _SEP + d for d in gone))
-            for user in written.keys() - current.keys():
-                pipe.zrem(presence_key(user), *(self._member(d) for d in written[user]))
-                pipe.srem(mine, *(user + _SEP + d for d in written[user]))
+                    gone_members += [user + _SEP + d for d in gone]
+            if members:
+                pipe.sadd(mine, *members)
+            if gone_members:
+                pipe.srem(mine, *gone_members)
             pipe.zrangebyscore(NODES_KEY, "-inf", now - 1)
             try:
                 replies = await pipe.execute()
             except BaseException:
                 self._rewrite = True  # some of it may be written, or Redis restarted
                 raise
-        self._written = current
+        for user, devices in now_written.items():
+            if devices:
+                written[user] = devices
+            else:
+                written.pop(user, None)
         self._rewrite = False
         if replies[1] is None:
             # No heartbeat key: the first beat, or this node was taken for dead (a stall

@@ -277,25 +277,25 @@ _PG_LOOKUP_IDS = text(  # a join, not "id = ANY(:ids)": the planner scanned the 
 _PG_HEADS = text(
     "SELECT user_id, last_seq FROM streams WHERE user_id = ANY(CAST(:users AS varchar[]))"
 )
-_PG_BACKFILL = text(
-    "SELECT r.i, e.user_id, e.seq, e.id, e.kind, e.data, e.created_at, e.device_id,"
-    " e.expires_at, e.collapse, e.superseded_by"
-    " FROM unnest(CAST(:i AS int[]), CAST(:users AS text[]), CAST(:devices AS text[]),"
-    " CAST(:afters AS bigint[]), CAST(:heads AS bigint[])) AS r(i, u, d, after, head)"
-    " CROSS JOIN LATERAL (SELECT * FROM events"
-    " WHERE events.user_id = r.u AND events.seq > r.after AND events.seq <= r.head"
-    " AND (events.device_id IS NULL OR events.device_id = r.d)"
-    " AND (events.expires_at IS NULL OR events.expires_at > :now)"
-    " AND events.superseded_by IS NULL"
-    " ORDER BY events.seq LIMIT :lim) AS e"
-    " ORDER BY r.i, e.seq"
-)
-_PG_SKIPPED = text(  # the superseded events each backfill of _PG_BACKFILL passes over
-    "SELECT r.u, r.d, e.seq, e.created_at"
-    " FROM unnest(CAST(:users AS text[]), CAST(:devices AS text[]),"
-    " CAST(:afters AS bigint[]), CAST(:heads AS bigint[])) AS r(u, d, after, head)"
+_PG_BACKFILL = (  # Ledger.backfill_many on asyncpg: heads, pages and skipped in one statement
+    "WITH r AS (SELECT r.i, r.u, r.d, r.after, COALESCE(s.last_seq, 0) AS head"
+    " FROM unnest($1::int[], $2::varchar[], $3::varchar[], $4::bigint[]) AS r(i, u, d, after)"
+    " LEFT JOIN streams s ON s.user_id = r.u),"
+    # The superseded events each backfill passes over: the device never gets them.
+    " passed AS (INSERT INTO skipped (user_id, device_id, seq, created_at)"
+    " SELECT r.u, r.d, e.seq, e.created_at FROM r"
     " JOIN events e ON e.user_id = r.u AND e.seq > r.after AND e.seq <= r.head"
     " AND (e.device_id IS NULL OR e.device_id = r.d) AND e.superseded_by IS NOT NULL"
+    " ON CONFLICT DO NOTHING)"
+    " SELECT r.i, r.head, e.user_id, e.seq, e.id, e.kind, e.data, e.created_at, e.device_id,"
+    " e.expires_at, e.collapse, e.superseded_by"
+    " FROM r LEFT JOIN LATERAL (SELECT * FROM events"
+    " WHERE events.user_id = r.u AND events.seq > r.after AND events.seq <= r.head"
+    " AND (events.device_id IS NULL OR events.device_id = r.d)"
+    " AND (events.expires_at IS NULL OR events.expires_at > $5)"
+    " AND events.superseded_by IS NULL"
+    " ORDER BY events.seq LIMIT $6) AS e ON true"
+    " ORDER BY r.i, e.seq"
 )
 _PG_LOCK_USERS = text(
     "SELECT pg_advisory_xact_lock(hashtext('courier.devices:' || u))"
@@ -396,6 +396,27 @@ class Ledger:
     def _insert(self) -> Any:
         return postgresql.insert if self.dialect == "postgresql" else sqlite.insert
 
+    @asynccontextmanager
+    async def _driver(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled PostgreSQL connection's own asyncpg driver, for the hot statements:
+        each statement commits on its own, without SQLAlchemy's per-statement and per-row
+        work (a reconnect storm reads 100,000 rows). Faults map as in ``_tx``; a connection
+        broken in use is invalidated, with the rest of the pool."""
+        try:
+            async with self.engine.connect() as conn:
+                raw = await conn.get_raw_connection()
+                try:
+                    yield raw.driver_connection  # type: ignore[misc]
+                except (asyncpg.InterfaceError, OSError):
+                    await conn.invalidate()
+                    raise
+        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+            raise LedgerRefused(_describe(exc)) from exc
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, SQLAlchemyError) as exc:
+            raise LedgerUnavailable(_describe(exc)) from exc
+        except (OSError, TimeoutError) as exc:
+            raise LedgerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
     async def ping(self) -> None:
         async with self._tx() as conn:
             await conn.execute(text("SELECT 1"))
@@ -464,23 +485,11 @@ class Ledger:
             users,
             [counts[u] for u in users],
         )
-        try:
-            async with self.engine.connect() as conn:
-                raw = await conn.get_raw_connection()
-                pg: asyncpg.Connection = raw.driver_connection  # type: ignore[assignment]
-                try:
-                    rows = await pg.fetch(_PG_RECORD_NEW, *args)
-                except (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError):
-                    return None
-                except (asyncpg.InterfaceError, OSError):
-                    await conn.invalidate()
-                    raise
-        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
-            raise LedgerRefused(_describe(exc)) from exc
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, SQLAlchemyError) as exc:
-            raise LedgerUnavailable(_describe(exc)) from exc
-        except (OSError, TimeoutError) as exc:
-            raise LedgerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        async with self._driver() as pg:
+            try:
+                rows = await pg.fetch(_PG_RECORD_NEW, *args)
+            except (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError):
+                return None
         if len(rows) != len(batch):
             return None
         seqs: dict[str, int] = {row[0]: row[1] for row in rows}
@@ -683,56 +692,66 @@ class Ledger:
     async def backfill_many(
         self, wanted: Sequence[tuple[str, str, int]], limit: int, now: int | None = None
     ) -> list[tuple[list[StoredEvent], int]]:
-        """``backfill`` of many ``(user, device, after)`` at once, answered in their order:
-        one transaction, and on PostgreSQL two statements per 500 devices (the heads, then
-        each device's page through one lateral join), so that a reconnect storm of
-        thousands of phones is a handful of queries, not one transaction each."""
+        """``backfill`` of many ``(user, device, after)`` at once, answered in their order,
+        so that a reconnect storm of thousands of phones is a handful of queries, not one
+        transaction each. On PostgreSQL one statement per 500 devices reads their heads
+        and pages (one lateral join) and records the superseded events they pass, under
+        one snapshot: every event at or below a head it read is in it."""
         now = now_ms() if now is None else now
         pages: list[list[StoredEvent]] = [[] for _ in wanted]
+        if self.dialect == "postgresql":
+            heads: dict[int, int] = {}
+            async with self._driver() as pg:
+                for c in range(0, len(wanted), _CHUNK):
+                    chunk = range(c, min(c + _CHUNK, len(wanted)))
+                    rows = await pg.fetch(
+                        _PG_BACKFILL,
+                        list(chunk),
+                        [wanted[i][0] for i in chunk],
+                        [wanted[i][1] for i in chunk],
+                        [wanted[i][2] for i in chunk],
+                        now,
+                        limit,
+                    )
+                    for row in rows:
+                        i = row[0]
+                        heads[i] = row[1]
+                        if row[3] is not None:  # the device's events (none: its head only)
+                            pages[i].append(StoredEvent(*row[2:]))
+            return [(pages[i], heads.get(i, 0)) for i in range(len(wanted))]
         async with self._tx() as conn:
-            heads = await self._heads(conn, sorted({u for u, _, _ in wanted}))
+            heads_of = await self._heads(conn, sorted({u for u, _, _ in wanted}))
             due = [
-                (i, u, d, a, heads[u]) for i, (u, d, a) in enumerate(wanted) if heads.get(u, 0) > a
+                (i, u, d, a, heads_of[u])
+                for i, (u, d, a) in enumerate(wanted)
+                if heads_of.get(u, 0) > a
             ]
-            if self.dialect == "postgresql":
-                for c in range(0, len(due), _CHUNK):
-                    chunk = due[c : c + _CHUNK]
-                    params: dict[str, Any] = {
-                        key: [row[k] for row in chunk]
-                        for k, key in enumerate(("i", "users", "devices", "afters", "heads"))
-                    }
-                    result = await conn.execute(_PG_BACKFILL, params | {"now": now, "lim": limit})
-                    for row in result:
-                        pages[row[0]].append(StoredEvent(*row[1:]))
-                    passed = await conn.execute(_PG_SKIPPED, params)
-                    await self._note_skipped(conn, passed)
-            else:
-                for i, user, device, after, head in due:
-                    stmt = (
-                        select(*_EVENT_COLUMNS)
-                        .where(
-                            events.c.user_id == user,
-                            events.c.seq > after,
-                            events.c.seq <= head,
-                            or_(events.c.device_id.is_(None), events.c.device_id == device),
-                            or_(events.c.expires_at.is_(None), events.c.expires_at > now),
-                            events.c.superseded_by.is_(None),
-                        )
-                        .order_by(events.c.seq)
-                        .limit(limit)
+            for i, user, device, after, head in due:
+                stmt = (
+                    select(*_EVENT_COLUMNS)
+                    .where(
+                        events.c.user_id == user,
+                        events.c.seq > after,
+                        events.c.seq <= head,
+                        or_(events.c.device_id.is_(None), events.c.device_id == device),
+                        or_(events.c.expires_at.is_(None), events.c.expires_at > now),
+                        events.c.superseded_by.is_(None),
                     )
-                    pages[i] = [_stored(r) for r in await conn.execute(stmt)]
-                    passed = await conn.execute(
-                        select(events.c.seq, events.c.created_at).where(
-                            events.c.user_id == user,
-                            events.c.seq > after,
-                            events.c.seq <= head,
-                            or_(events.c.device_id.is_(None), events.c.device_id == device),
-                            events.c.superseded_by.is_not(None),
-                        )
+                    .order_by(events.c.seq)
+                    .limit(limit)
+                )
+                pages[i] = [_stored(r) for r in await conn.execute(stmt)]
+                passed = await conn.execute(
+                    select(events.c.seq, events.c.created_at).where(
+                        events.c.user_id == user,
+                        events.c.seq > after,
+                        events.c.seq <= head,
+                        or_(events.c.device_id.is_(None), events.c.device_id == device),
+                        events.c.superseded_by.is_not(None),
                     )
-                    await self._note_skipped(conn, [(user, device, *r) for r in passed])
-        return [(pages[i], max(heads.get(u, 0), 0)) for i, (u, _, _) in enumerate(wanted)]
+                )
+                await self._note_skipped(conn, [(user, device, *r) for r in passed])
+        return [(pages[i], max(heads_of.get(u, 0), 0)) for i, (u, _, _) in enumerate(wanted)]
 
     async def _note_skipped(self, conn: AsyncConnection, passed: Iterable[Any]) -> None:
         """Record ``(user, device, seq, created_at)`` rows of superseded events that a

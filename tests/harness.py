@@ -7,6 +7,7 @@ free loopback port, and devices are ``websockets`` clients over real sockets.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -113,6 +114,17 @@ UNLIMITED = {
     "COURIER_RECONNECT_BURST": "1000000",
     "COURIER_MAX_DEVICES_PER_USER": "0",
 }
+
+
+def upgrade_request(path: str = "/v1/ws", method: str = "GET", headers: str = "") -> bytes:
+    """The head of a WebSocket upgrade request, as bytes for a raw socket; ``headers``
+    are more header lines, each ending in CRLF."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        f"{headers}\r\n"
+    ).encode()
 
 
 class ServerProcess:

@@ -163,14 +163,19 @@ class Wire:
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
         self.ready = True
+        self.writes = 0
 
     def fast_ready(self) -> bool:
         return self.ready
 
     def fast_write(self, wire: bytes) -> None:
-        # A whole unmasked text frame with a short payload (what these tests send).
-        assert wire[0] == 0x81 and wire[1] == len(wire) - 2, wire
-        self.sink.sent.append(wire[2:].decode())
+        # Whole unmasked text frames with short payloads (what these tests send), one or
+        # several in one write.
+        self.writes += 1
+        while wire:
+            assert wire[0] == 0x81 and wire[1] < 126 and len(wire) >= 2 + wire[1], wire
+            self.sink.sent.append(wire[2 : 2 + wire[1]].decode())
+            wire = wire[2 + wire[1] :]
 
 
 async def test_fast_path_writes_at_once_and_never_overtakes_queued_frames() -> None:
@@ -219,3 +224,25 @@ def test_sent_only_moves_wait_for_a_full_flush_and_acks_do_not() -> None:
     assert [(m.device, m.acked, m.sent) for m in buf.take()] == [("a", 0, 6)]
     buf.done()
     assert len(buf) == 0
+
+
+async def test_a_backlog_is_written_in_few_writes_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(channels.client, "WRITE_AT_ONCE", 40)  # bytes: a few frames a write
+    sink = Sink()
+    wire = Wire(sink)
+    seen: list[int] = []
+    client = Client(
+        sink, "u", "d", "n:1", max_queue=100, fast=wire, on_sent=lambda c, s, t: seen.append(s)
+    )
+    client.send("hello")  # queued before the connection is open, like a backfill
+    for seq in range(1, 31):
+        client.send(f"e{seq}", seq)
+    assert client.queued == 31 and wire.writes == 0
+    client.start()
+    await asyncio.wait_for(client.wait_drained(), 5)
+    assert sink.sent == ["hello"] + [f"e{seq}" for seq in range(1, 31)]
+    assert seen == list(range(1, 31)) and client.sent_seq == 30
+    # 148 bytes on the wire in all, each write 40 bytes or a frame more: 4 writes, not 31.
+    assert wire.writes == 4, wire.writes

@@ -8,7 +8,6 @@ that the server log stays free of ERROR lines, tracebacks and secrets.
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +17,16 @@ import pytest
 
 from models.ledger import migrate
 from tests.conftest import assert_graceful_stop
-from tests.harness import API_KEY, OPS_TOKEN, Device, ServerProcess, token, unique, until
+from tests.harness import (
+    API_KEY,
+    OPS_TOKEN,
+    Device,
+    ServerProcess,
+    token,
+    unique,
+    until,
+    upgrade_request,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -56,12 +64,7 @@ async def _read_all(reader: asyncio.StreamReader, timeout: float) -> bytes:
 
 
 def _upgrade(tok: str, path: str = "/v1/ws") -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    return (
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-        f"Authorization: Bearer {tok}\r\n\r\n"
-    ).encode()
+    return upgrade_request(path, headers=f"Authorization: Bearer {tok}\r\n")
 
 
 def _frame(opcode: int, payload: bytes) -> bytes:
