@@ -19,13 +19,19 @@ A fault that belongs to one caller's input stays that caller's:
 
 Batches are taken in arrival order, so events of one user are numbered in the order
 their publishes arrived, as with one transaction per publish.
+
+Up to ``in_flight`` transactions run at once (PostgreSQL: 2; SQLite has one writer).
+While one commits, the server's loop and the database both have other work to do, so a
+second fills the wait; a group never holds a user whose events are in a transaction
+still in flight (the batch waits, and every batch behind it), so one user's events are
+still numbered, committed and published in arrival order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
@@ -40,11 +46,12 @@ Record = Callable[[Sequence[NewEvent]], Awaitable[list[Recorded]]]
 
 
 class _Pending:
-    __slots__ = ("batch", "future")
+    __slots__ = ("batch", "future", "users")
 
     def __init__(self, batch: Sequence[NewEvent], future: asyncio.Future[list[Recorded]]) -> None:
         self.batch = batch
         self.future = future
+        self.users = {e.user for e in batch}
 
 
 class GroupCommit:
@@ -54,6 +61,7 @@ class GroupCommit:
         spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
         *,
         max_events: int = MAX_GROUP_EVENTS,
+        in_flight: int = 1,
         on_commit: Callable[[int], None] | None = None,
     ) -> None:
         """``on_commit(publishes)``: called after each shared transaction commits."""
@@ -61,8 +69,10 @@ class GroupCommit:
         self._spawn = spawn
         self._on_commit = on_commit
         self.max_events = max_events
+        self.in_flight = max(1, in_flight)
         self._queue: deque[_Pending] = deque()
-        self._task: asyncio.Task[None] | None = None
+        self._running = 0  # transactions in flight
+        self._busy: Counter[str] = Counter()  # users with events in those transactions
         self.transactions = 0
         """Transactions committed (with ``batches``, a measure of sharing)."""
         self.batches = 0
@@ -79,32 +89,54 @@ class GroupCommit:
             return []
         future: asyncio.Future[list[Recorded]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(batch, future))
-        if self._task is None or self._task.done():
-            self._task = self._spawn(self._run())
+        self._start()
         return await future
 
-    async def _run(self) -> None:
-        while self._queue:
+    def _start(self) -> None:
+        """Start transactions for what is queued, as many as may be in flight."""
+        while self._queue and self._running < self.in_flight:
             group = self._take()
-            try:
-                await self._commit(group)
-            except asyncio.CancelledError:  # the node stops: nobody is left waiting
-                for pending in group + list(self._queue):
-                    pending.future.cancel()
-                self._queue.clear()
-                raise
-            except Exception as exc:  # a bug here must not leave callers waiting forever
-                log.exception("group commit failed")
-                _fail(group, exc)
+            if not group:
+                return  # the next batch waits for a transaction that holds one of its users
+            users: Counter[str] = Counter()
+            for pending in group:
+                users.update(pending.users)
+            self._running += 1
+            self._busy.update(users)
+            self._spawn(self._run(group, users))
+
+    async def _run(self, group: list[_Pending], users: Counter[str]) -> None:
+        try:
+            await self._commit(group)
+        except asyncio.CancelledError:  # the node stops: nobody is left waiting
+            for pending in group + list(self._queue):
+                pending.future.cancel()
+            self._queue.clear()
+            raise
+        except Exception as exc:  # a bug here must not leave callers waiting forever
+            log.exception("group commit failed")
+            _fail(group, exc)
+        finally:
+            self._running -= 1
+            self._busy.subtract(users)
+            self._busy = +self._busy  # drop the users at zero
+        self._start()
 
     def _take(self) -> list[_Pending]:
-        """The next group: queued batches in order, up to ``max_events`` (at least one)."""
-        group = [self._queue.popleft()]
-        size = len(group[0].batch)
-        while self._queue and size + len(self._queue[0].batch) <= self.max_events:
-            pending = self._queue.popleft()
-            size += len(pending.batch)
-            group.append(pending)
+        """The next group: queued batches in order, up to ``max_events`` (a larger first
+        batch alone), stopping at the first batch that holds a user of a transaction in
+        flight. Empty when the first batch does."""
+        group: list[_Pending] = []
+        size = 0
+        busy = self._busy
+        while self._queue:
+            head = self._queue[0]
+            if group and size + len(head.batch) > self.max_events:
+                break
+            if busy and not head.users.isdisjoint(busy):
+                break
+            group.append(self._queue.popleft())
+            size += len(head.batch)
         return group
 
     async def _commit(self, group: list[_Pending]) -> None:

@@ -88,6 +88,11 @@ def flush_pause(base: float, written: int) -> float:
     return base * min(FLUSH_STRETCH, max(1.0, written / FLUSH_BUSY))
 
 
+COMMITS_IN_FLIGHT = 2
+"""Publish transactions at once on PostgreSQL (see ``channels/commits.py``); SQLite has one
+writer. While one commits, the next group's transaction runs: under 64 concurrent
+publishers one at a time left the server and PostgreSQL each a third idle."""
+
 GAP_GRACE = 0.05
 """Seconds to wait for a missing seq before reading the ledger: messages of two
 publishers can pass each other on the bus, and only a message still missing
@@ -191,7 +196,12 @@ class Node:
         self._reconcile_now = asyncio.Event()
         self._registrar = _Registrar(ledger, self._spawn, config.device_limit, self._evict)
         self.outbox = Outbox(broker, self._spawn)
-        self.commits = GroupCommit(ledger.record, self._spawn, on_commit=metrics.count_commit)
+        self.commits = GroupCommit(
+            ledger.record,
+            self._spawn,
+            in_flight=COMMITS_IN_FLIGHT if ledger.dialect == "postgresql" else 1,
+            on_commit=metrics.count_commit,
+        )
         page = max(1, min(config.backfill_page, config.send_queue_size // 2))
         self._backfill: Coalescer[tuple[str, str, int], tuple[list[StoredEvent], int]] = Coalescer(
             lambda wanted: ledger.backfill_many(wanted, page),

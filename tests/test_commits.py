@@ -161,3 +161,54 @@ async def test_stopping_cancels_waiting_publishes(ledger: Ledger) -> None:
     for waiting in (first, second):
         with pytest.raises(asyncio.CancelledError):
             await waiting
+
+
+class Gated:
+    """The real ledger behind a gate per transaction: each waits until released."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.entered: list[list[str]] = []  # users of each transaction, as they start
+        self.gates: list[asyncio.Event] = []
+        self.started = asyncio.Event()
+
+    async def record(self, batch: Sequence[NewEvent]) -> list[Recorded]:
+        gate = asyncio.Event()
+        self.entered.append(sorted({e.user for e in batch}))
+        self.gates.append(gate)
+        self.started.set()
+        await gate.wait()
+        return await self.ledger.record(batch)
+
+    async def next_start(self) -> None:
+        await asyncio.wait_for(self.started.wait(), 5)
+        self.started.clear()
+
+
+async def test_two_transactions_in_flight_never_share_a_user(ledger: Ledger) -> None:
+    gated = Gated(ledger)
+    commits = GroupCommit(gated.record, Tasks().spawn, in_flight=2)
+    a, b, c = unique("a"), unique("b"), unique("c")
+    first_a = asyncio.create_task(commits.record([ev(a)]))
+    await gated.next_start()
+    # A transaction for ``a`` is in flight: ``b`` starts one of its own at once.
+    first_b = asyncio.create_task(commits.record([ev(b)]))
+    await gated.next_start()
+    assert gated.entered == [[a], [b]]
+    # Two in flight: everything else queues; ``a``'s next batch, and ``c`` behind it,
+    # wait even when a slot frees up while ``a``'s transaction is still in flight.
+    second_a = asyncio.create_task(commits.record([ev(a), ev(a)]))
+    then_c = asyncio.create_task(commits.record([ev(c)]))
+    await asyncio.sleep(0)
+    gated.gates[1].set()  # ``b`` commits
+    assert [r.seq for r in await first_b] == [1]
+    # ``b``'s transaction looked for more work as it ended, before its caller woke.
+    assert gated.entered == [[a], [b]]
+    gated.gates[0].set()  # ``a`` commits: its next batch and ``c`` share the next one
+    assert [r.seq for r in await first_a] == [1]
+    await gated.next_start()
+    assert gated.entered[2] == sorted([a, c])
+    gated.gates[2].set()
+    assert [r.seq for r in await second_a] == [2, 3]
+    assert [r.seq for r in await then_c] == [1]
+    assert commits.transactions == 3
