@@ -96,6 +96,18 @@ class Delivery:
     def of(cls, ev: StoredEvent) -> Delivery:
         return cls(ev.user, ev.seq, ev.device, ev.expires_at, ev.created_at, event_frame(ev))
 
+    def wired(self) -> Delivery:
+        """The same delivery with its frame's bytes on the wire."""
+        return Delivery(
+            self.user,
+            self.seq,
+            self.device,
+            self.expires_at,
+            self.created_at,
+            self.frame,
+            wire_text(self.frame.encode()),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Replace:

@@ -463,7 +463,13 @@ class Node:
         messages = []
         for a in answers:
             if a.event is not None:
-                messages.append((user_channel(a.user), encode_delivery(Delivery.of(a.event))))
+                delivery = Delivery.of(a.event)
+                messages.append((user_channel(a.user), encode_delivery(delivery)))
+                if self.hub.clients(a.user):
+                    # This node's devices get it now, not after a trip through the bus; the
+                    # bus carries it to the other nodes, and its echo here is a repeat
+                    # (``seq <= position``), dropped.
+                    self._fan_out(delivery.wired())
         self.metrics.events_published.inc(len(messages))
         self.metrics.events_duplicate.inc(len(answers) - len(messages))
         written = self.outbox.send(messages, wait=True)
@@ -515,12 +521,16 @@ class Node:
             if client is not None:
                 client.close(EVICTED)
             return
+        self._fan_out(message)
+
+    def _fan_out(self, d: Delivery) -> None:
+        """Offer an event to every local connection of its user (never awaits a socket)."""
         now = now_ms()
         written = 0
-        self._sent_users.add(message.user)
-        for client in self.hub.clients(message.user):
-            written += self._deliver(client, message, now)
-        self._count_written(written, message.created_at)
+        self._sent_users.add(d.user)
+        for client in self.hub.clients(d.user):
+            written += self._deliver(client, d, now)
+        self._count_written(written, d.created_at)
 
     def _on_replace(self, r: Replace) -> None:
         client = self.hub.device(r.user, r.device)

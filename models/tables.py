@@ -6,7 +6,7 @@ PostgreSQL, no time-zone conversions on the hot path.
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Column, Index, Integer, MetaData, String, Table, Text, text
 
 metadata = MetaData()
 
@@ -42,9 +42,22 @@ events = Table(
     # SHA-256 of the content: a reused id with other content is a conflict, not a duplicate.
     Column("digest", String(64), nullable=True),
     Index("events_id_key", "id", unique=True),
-    Index("events_user_collapse_idx", "user_id", "collapse"),
+    # Partial: most events have neither a collapse key nor a push time, and the queries
+    # that use these compare the column (which implies it is not null).
+    Index(
+        "events_user_collapse_idx",
+        "user_id",
+        "collapse",
+        postgresql_where=text("collapse IS NOT NULL"),
+        sqlite_where=text("collapse IS NOT NULL"),
+    ),
     Index("events_created_at_idx", "created_at"),
-    Index("events_push_at_idx", "push_at"),
+    Index(
+        "events_push_at_idx",
+        "push_at",
+        postgresql_where=text("push_at IS NOT NULL"),
+        sqlite_where=text("push_at IS NOT NULL"),
+    ),
 )
 
 # Delivery state per device is two cursors, not a row per (event, device).

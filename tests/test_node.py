@@ -48,6 +48,27 @@ async def broker() -> LossyBroker:
     return LossyBroker()
 
 
+class Relay(MemoryBroker):
+    """The bus as another node sees it: what that node publishes goes to ``to``."""
+
+    def __init__(self, to: MemoryBroker) -> None:
+        super().__init__()
+        self.to = to
+
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        await self.to.publish_many(messages)
+
+
+@pytest.fixture
+async def remote(ledger: Ledger, broker: LossyBroker) -> AsyncIterator[Node]:
+    """Another node on the same ledger, with no device of its own: what it publishes
+    reaches ``node`` only over the bus (a node's own devices get its events directly)."""
+    n = Node(NodeConfig(node_id="r", reconcile_seconds=3600), ledger, Relay(broker), Metrics())
+    await n.start()
+    yield n
+    await n.stop()
+
+
 @pytest.fixture
 async def node(ledger: Ledger, broker: LossyBroker) -> AsyncIterator[Node]:
     n = Node(
@@ -111,27 +132,44 @@ async def test_resume_after_and_acked_cursor(node: Node) -> None:
 
 
 async def test_lost_bus_message_is_detected_by_the_next_one(
-    node: Node, broker: LossyBroker
+    node: Node, remote: Node, broker: LossyBroker
 ) -> None:
     user = unique()
     client, sink = await connect(node, user)
     assert await settled(client, sink, 0) == []
     broker.lose = {broker.count + 2}  # the second of the next three publishes vanishes
     for _ in range(3):
-        await node.publish([ev(user)])
+        await remote.publish([ev(user)])
     assert await settled(client, sink, 3) == [1, 2, 3]
     node.disconnect(client)
 
 
-async def test_lost_last_message_is_recovered_by_reconcile(node: Node, broker: LossyBroker) -> None:
+async def test_lost_last_message_is_recovered_by_reconcile(
+    node: Node, remote: Node, broker: LossyBroker
+) -> None:
     user = unique()
     client, sink = await connect(node, user)
     assert await settled(client, sink, 0) == []
     broker.lose = {broker.count + 1}
-    await node.publish([ev(user)])
+    await remote.publish([ev(user)])
     assert await settled(client, sink, 0) == []  # nothing told this node
     await node.reconcile(urgent=True)
     assert await settled(client, sink, 1) == [1]
+    node.disconnect(client)
+
+
+async def test_a_nodes_own_devices_get_its_publishes_without_the_bus(
+    node: Node, broker: LossyBroker
+) -> None:
+    user = unique()
+    client, sink = await connect(node, user)
+    assert await settled(client, sink, 0) == []
+    broker.lose = {broker.count + 1}  # the bus loses the first publish: no matter here
+    await node.publish([ev(user)])
+    assert [e["seq"] for e in sink.events()] == [1]  # written before publish() returned
+    await node.publish([ev(user), ev(user)])  # the bus echoes these back: repeats, dropped
+    assert await settled(client, sink, 3) == [1, 2, 3]
+    assert node.metrics.catch_ups._value.get() == 0  # no hole, no ledger read
     node.disconnect(client)
 
 
@@ -248,19 +286,22 @@ async def test_overtaken_bus_message_needs_no_ledger_read(ledger: Ledger) -> Non
 
     broker = Swapping()
     n = Node(NodeConfig(node_id="s", reconcile_seconds=3600), ledger, broker, Metrics())
+    other = Node(NodeConfig(node_id="o", reconcile_seconds=3600), ledger, Relay(broker), Metrics())
     await n.start()
+    await other.start()
     try:
         user = unique()
         client, sink = await connect(n, user)
         assert await settled(client, sink, 0) == []
         reads = n.metrics.catch_ups._value.get()
         broker.swap = True
-        await n.publish([ev(user)])
-        await n.publish([ev(user)])  # seq 2 reaches the node before seq 1
+        await other.publish([ev(user)])
+        await other.publish([ev(user)])  # seq 2 reaches the node before seq 1
         assert await settled(client, sink, 2) == [1, 2]
         assert n.metrics.catch_ups._value.get() == reads  # resolved within the grace period
         n.disconnect(client)
     finally:
+        await other.stop()
         await n.stop()
 
 
