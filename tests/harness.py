@@ -350,7 +350,24 @@ class Device:
         await self.ws.send(frame if isinstance(frame, (str, bytes)) else json.dumps(frame))
 
     async def close(self) -> None:
-        await self.ws.close()
+        """Hang up, as a phone does: frames not read yet are dropped.
+
+        They must be read meanwhile: past ``max_queue`` unread frames (16 by default) the
+        client library stops reading the socket, so it would never see the server's close
+        frame behind them and ``close()`` would wait out its ``close_timeout`` (10 s)."""
+        from websockets.exceptions import ConnectionClosed
+
+        async def drop_unread() -> None:
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    await self.ws.recv()
+
+        reader = asyncio.create_task(drop_unread())
+        try:
+            await self.ws.close()
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
 
     async def closed_with(self, timeout: float = 15.0) -> int:
         """Read (and drop) frames until the server closes; answers the close code."""

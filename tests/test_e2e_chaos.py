@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -113,3 +114,19 @@ async def test_no_event_lost_across_random_disconnects(server: ServerProcess, se
         }
 
     await until(all_acked, timeout=15)
+
+
+async def test_a_phone_hangs_up_at_once_with_frames_it_never_read(server: ServerProcess) -> None:
+    """A phone that hangs up with more frames unread than its client library buffers
+    (websockets' ``max_queue``, 16 by default: past it the library stops reading the socket)
+    must not wait behind them for the server's close frame until ``close_timeout`` (10 s).
+    In the test above a phone far behind gets its backlog in one burst and hangs up after
+    ``budget`` frames: each such close cost 10 s, and a run of them 90 s under CPU load."""
+    user = unique()
+    phone = await Device.connect(server, user, "phone")
+    await server.publish_many([{"user": user, "kind": "block.grabbed"} for _ in range(40)])
+    assert (await phone.event())["seq"] == 1  # the backlog arrived; the phone reads no more
+    await until(lambda: phone.ws.recv_messages.paused)  # the library stopped reading
+    started = time.monotonic()
+    await phone.close()
+    assert time.monotonic() - started < 5, "close() waited out the client's close_timeout"
