@@ -237,9 +237,8 @@ _PG_RECORD_NEW = (  # Ledger._record_new: a batch of new events in one statement
     " $4::varchar[], $5::text[], $6::bigint[], $7::varchar[], $8::bigint[], $9::text[])"
     " WITH ORDINALITY AS t(id, user_id, device_id, kind, data, expires_at, digest, push_at,"
     " notification, ord)),"
-    " known AS (SELECT FROM unnest($1::varchar[]) AS k(id) JOIN events e ON e.id = k.id),"
     " alloc AS (INSERT INTO streams (user_id, last_seq)"
-    " SELECT * FROM unnest($11::varchar[], $12::bigint[]) WHERE NOT EXISTS (SELECT FROM known)"
+    " SELECT * FROM unnest($11::varchar[], $12::bigint[])"
     " ON CONFLICT (user_id) DO UPDATE SET last_seq = streams.last_seq + EXCLUDED.last_seq"
     " RETURNING user_id, last_seq),"
     " counted AS (SELECT u, n FROM unnest($11::varchar[], $12::bigint[]) AS c(u, n))"
@@ -349,7 +348,12 @@ def create_engine(url: str) -> AsyncEngine:
         pool_size=10,
         max_overflow=10,
         pool_timeout=5,
-        connect_args={"timeout": 5, "command_timeout": 15},
+        # No JIT: PostgreSQL (11+) compiles a statement to machine code when its plan looks
+        # costly, and the planner cannot see how many rows the ledger's arrays hold, so
+        # the one-statement publish was compiled at every execution: 3-4 ms for a statement
+        # that runs in under 1 ms (docs/benchmarks.md, fifth round). Every statement here
+        # is short; none gains from compilation.
+        connect_args={"timeout": 5, "command_timeout": 15, "server_settings": {"jit": "off"}},
     )
 
     @event.listens_for(engine.sync_engine, "checkout")
@@ -462,11 +466,16 @@ class Ledger:
 
     async def _record_new(self, batch: Sequence[NewEvent], now: int) -> list[Recorded] | None:
         """A batch of new events, none with a collapse key (every publish unless a publisher
-        retries): ids looked up, seqs allocated and events inserted by one statement on
-        PostgreSQL, committed on its own (one round trip instead of six, without
-        SQLAlchemy's per-statement work). None when that cannot answer: an id is in the
-        ledger already, or a concurrent publish of one of the ids got in first (its unique
-        violation undoes the whole statement). The full path answers those."""
+        retries): seqs allocated and events inserted by one statement on PostgreSQL,
+        committed on its own (one round trip instead of six, without SQLAlchemy's
+        per-statement work). None when that cannot answer: an id is in the ledger already
+        (a retry), or a concurrent publish of one of the ids got in first. Either is a
+        unique violation that undoes the whole statement, seqs included; the full path
+        answers those.
+
+        The statement reads no table but through the rows it writes: an id lookup here
+        was planned once per connection, and a plan made while the table was small (a new
+        ledger) scanned the whole table at every publish from then on."""
         ids = [e.id for e in batch]
         counts = Counter(e.user for e in batch)
         users = sorted(counts)
