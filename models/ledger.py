@@ -348,13 +348,17 @@ def create_engine(url: str) -> AsyncEngine:
         pool_size=10,
         max_overflow=10,
         pool_timeout=5,
-        # No JIT: PostgreSQL (11+) compiles a statement to machine code when its plan looks
-        # costly, and the planner cannot see how many rows the ledger's arrays hold, so
-        # the one-statement publish was compiled at every execution: 3-4 ms for a statement
-        # that runs in under 1 ms (docs/benchmarks.md, fifth round). Every statement here
-        # is short; none gains from compilation.
-        connect_args={"timeout": 5, "command_timeout": 15, "server_settings": {"jit": "off"}},
+        connect_args={"timeout": 5, "command_timeout": 15},
     )
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _no_jit(dbapi_conn: Any, _record: Any) -> None:
+        # PostgreSQL (11+) compiles a statement to machine code when its plan looks costly,
+        # and the planner cannot see how many rows the ledger's arrays hold: the publish
+        # statement was compiled at every execution, 3-4 ms for a statement that runs in
+        # under 1 ms (docs/benchmarks.md, fifth round). Every statement here is short.
+        # A SET, not a startup parameter, which connection poolers such as PgBouncer refuse.
+        dbapi_conn.run_async(lambda pg: pg.execute("SET jit = off"))
 
     @event.listens_for(engine.sync_engine, "checkout")
     def _alive(_dbapi_conn: Any, _record: Any, proxy: Any) -> None:
