@@ -135,12 +135,14 @@ class _Bus(msgspec.Struct, frozen=True):
     ts: int = 0
     conn: str = ""
     frame: msgspec.Raw = msgspec.Raw(b"null")
+    node: str | None = None  # the node that published an event (absent: older nodes)
 
 
 _bus_decoder = msgspec.json.Decoder(_Bus)
 
 
-def encode_delivery(d: Delivery) -> bytes:
+def encode_delivery(d: Delivery, node: str) -> bytes:
+    """An event's bus message, published by ``node``."""
     return msgspec.json.encode(
         {
             "t": "event",
@@ -150,6 +152,7 @@ def encode_delivery(d: Delivery) -> bytes:
             "exp": d.expires_at,
             "ts": d.created_at,
             "frame": msgspec.Raw(d.frame.encode()),
+            "node": node,
         }
     )
 
@@ -162,13 +165,16 @@ def encode_evict(e: Evict) -> bytes:
     return msgspec.json.encode({"t": "evict", "user": e.user, "device": e.device})
 
 
-def decode_bus(payload: bytes) -> Delivery | Replace | Evict:
-    """Decode a bus message; raises ``ValueError`` for anything malformed."""
+def decode_bus(payload: bytes, node: str | None = None) -> Delivery | Replace | Evict | None:
+    """Decode a bus message; raises ``ValueError`` for anything malformed. None for an
+    event that ``node`` published itself (its own devices had it at once)."""
     try:
         m = _bus_decoder.decode(payload)
     except msgspec.DecodeError as exc:
         raise ValueError(str(exc)) from exc
     if m.t == "event":
+        if node is not None and m.node == node:
+            return None
         frame = bytes(m.frame)
         return Delivery(m.user, m.seq, m.device, m.exp, m.ts, frame.decode(), wire_text(frame))
     if m.t == "replace" and m.device is not None:

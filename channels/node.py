@@ -464,11 +464,12 @@ class Node:
         for a in answers:
             if a.event is not None:
                 delivery = Delivery.of(a.event)
-                messages.append((user_channel(a.user), encode_delivery(delivery)))
+                messages.append(
+                    (user_channel(a.user), encode_delivery(delivery, self.config.node_id))
+                )
                 if self.hub.clients(a.user):
                     # This node's devices get it now, not after a trip through the bus; the
-                    # bus carries it to the other nodes, and its echo here is a repeat
-                    # (``seq <= position``), dropped.
+                    # bus carries it to the other nodes, and its echo here is dropped.
                     self._fan_out(delivery.wired())
         self.metrics.events_published.inc(len(messages))
         self.metrics.events_duplicate.inc(len(answers) - len(messages))
@@ -509,10 +510,12 @@ class Node:
 
     def _on_message(self, channel: str, payload: bytes) -> None:
         try:
-            message = decode_bus(payload)
+            message = decode_bus(payload, self.config.node_id)
         except ValueError as exc:
             log.error("dropping malformed bus message on %s: %s", channel, exc)
             return
+        if message is None:
+            return  # an event this node published: its own devices had it at once
         if isinstance(message, Replace):
             self._on_replace(message)
             return

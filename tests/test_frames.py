@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from channels.frames import ack_seq, in_frame_decoder
+from channels.frames import Delivery, ack_seq, decode_bus, encode_delivery, in_frame_decoder
+from models.ledger import StoredEvent
 
 
 @pytest.mark.parametrize(
@@ -66,3 +67,17 @@ def test_whatever_it_accepts_the_full_decoder_reads_the_same(data: bytes) -> Non
     if seq is not None:
         frame = in_frame_decoder.decode(data)
         assert (frame.type, frame.seq) == ("ack", seq)
+
+
+def test_a_node_drops_its_own_events_from_the_bus() -> None:
+    delivery = Delivery.of(StoredEvent("u1", 7, "e7", "block.grabbed", '{"b":1}', 1795400000000))
+    payload = encode_delivery(delivery, "node-a")
+    assert decode_bus(payload, "node-a") is None  # its own devices had it at once
+    other = decode_bus(payload, "node-b")
+    assert isinstance(other, Delivery)
+    assert (other.user, other.seq, other.frame) == ("u1", 7, delivery.frame)
+    assert other.wire == delivery.wired().wire
+    # A message from a node that does not say who published it is delivered.
+    older = json.loads(payload)
+    del older["node"]
+    assert isinstance(decode_bus(json.dumps(older).encode(), "node-a"), Delivery)
