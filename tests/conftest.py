@@ -89,11 +89,24 @@ def fresh_redis_db(redis_url: str, db: int) -> str:
 
 
 @pytest.fixture(scope="session")
-def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite ledger, made once, for tests to copy."""
     path = tmp_path_factory.mktemp("sqlite") / "ledger.db"
-    url = f"sqlite+aiosqlite:///{path}"
-    migrate(url)
-    return url
+    migrate(f"sqlite+aiosqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
+    """A migrated SQLite ledger of this test's own. SQLite has one writer: a connection
+    that a test left in a write transaction (a task cancelled mid-statement at teardown)
+    would lock every later test of a shared file out."""
+    path = tmp_path / "ledger.db"
+    for suffix in ("", "-wal"):
+        source = sqlite_template.with_name(sqlite_template.name + suffix)
+        if source.exists():
+            shutil.copyfile(source, path.with_name(path.name + suffix))
+    return f"sqlite+aiosqlite:///{path}"
 
 
 @pytest.fixture(scope="session")
