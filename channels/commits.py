@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
@@ -72,7 +72,7 @@ class GroupCommit:
         self.in_flight = max(1, in_flight)
         self._queue: deque[_Pending] = deque()
         self._running = 0  # transactions in flight
-        self._busy: Counter[str] = Counter()  # users with events in those transactions
+        self._busy: set[str] = set()  # users with events in them (no two share one)
         self.transactions = 0
         """Transactions committed (with ``batches``, a measure of sharing)."""
         self.batches = 0
@@ -98,14 +98,12 @@ class GroupCommit:
             group = self._take()
             if not group:
                 return  # the next batch waits for a transaction that holds one of its users
-            users: Counter[str] = Counter()
-            for pending in group:
-                users.update(pending.users)
+            users = set().union(*(pending.users for pending in group))
             self._running += 1
-            self._busy.update(users)
+            self._busy |= users
             self._spawn(self._run(group, users))
 
-    async def _run(self, group: list[_Pending], users: Counter[str]) -> None:
+    async def _run(self, group: list[_Pending], users: set[str]) -> None:
         try:
             await self._commit(group)
         except asyncio.CancelledError:  # the node stops: nobody is left waiting
@@ -118,8 +116,7 @@ class GroupCommit:
             _fail(group, exc)
         finally:
             self._running -= 1
-            self._busy.subtract(users)
-            self._busy = +self._busy  # drop the users at zero
+            self._busy -= users
         self._start()
 
     def _take(self) -> list[_Pending]:
@@ -133,7 +130,7 @@ class GroupCommit:
             head = self._queue[0]
             if group and size + len(head.batch) > self.max_events:
                 break
-            if busy and not head.users.isdisjoint(busy):
+            if not head.users.isdisjoint(busy):
                 break
             group.append(self._queue.popleft())
             size += len(head.batch)

@@ -7,6 +7,7 @@ hands the very same frame text to every local connection.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -98,15 +99,7 @@ class Delivery:
 
     def wired(self) -> Delivery:
         """The same delivery with its frame's bytes on the wire."""
-        return Delivery(
-            self.user,
-            self.seq,
-            self.device,
-            self.expires_at,
-            self.created_at,
-            self.frame,
-            wire_text(self.frame.encode()),
-        )
+        return dataclasses.replace(self, wire=wire_text(self.frame.encode()))
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,6 +51,10 @@ class Hub:
         conns = self._by_user.get(user)
         return tuple(conns.values()) if conns else ()
 
+    def has(self, user: str) -> bool:
+        """Whether ``user`` has a connection here."""
+        return user in self._by_user
+
     def device(self, user: str, device: str) -> Client | None:
         return self._by_device.get((user, device))
 

@@ -467,7 +467,7 @@ class Node:
                 messages.append(
                     (user_channel(a.user), encode_delivery(delivery, self.config.node_id))
                 )
-                if self.hub.clients(a.user):
+                if self.hub.has(a.user):
                     # This node's devices get it now, not after a trip through the bus; the
                     # bus carries it to the other nodes, and its echo here is dropped.
                     self._fan_out(delivery.wired())

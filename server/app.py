@@ -269,11 +269,12 @@ YOUNG_COLLECTION_AFTER = 10_000
 """New container objects (net of those freed) before the collector runs (CPython's
 default: 700). Handling a batch (500 backfill rows, 1,000 registrations) makes thousands
 of objects at once that reference counting frees a moment later; at 700 each batch set
-off collections that found nothing, and every tenth of those also walked everything
-younger than the heap, and the full collections that follow walked every connection: at
-10,000 reconnecting devices 2,700 collections and 1.3 s of a 10 s storm, 17 and 0.1 s at
-this threshold. Connections leave no reference cycles behind (the upgrade's HTTP
-protocol is let go, ``server/transport.py``), so nothing of theirs waits for it."""
+off collections that found nothing, every tenth of them also a collection of the middle
+generation, and every few of those a full one that walks every connection: at 10,000
+reconnecting devices 2,746 / 249 / 5 collections and 1.1 s of the storm's CPU, 246 / 22 /
+3 and 0.2 s at this threshold (docs/benchmarks.md, fifth round). Connections leave no
+reference cycles behind (the upgrade's HTTP protocol is let go, ``server/transport.py``),
+so nothing of theirs waits for it."""
 
 SHUTDOWN_STEP_SECONDS = 5.0
 

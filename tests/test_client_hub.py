@@ -120,6 +120,7 @@ async def test_hub_registry_and_device_replacement() -> None:
     assert hub.add(a1b) is a1  # same device again: the older one is answered for closing
     assert hub.device("a", "p1") is a1b
     assert set(hub.clients("a")) == {a1, a2, a1b}
+    assert hub.has("a") and not hub.has("b")
     assert len(hub) == 3
     assert hub.add(a1b) is a1b and len(hub) == 3  # added again: still counted once
     assert hub.remove(a1)
@@ -128,7 +129,7 @@ async def test_hub_registry_and_device_replacement() -> None:
     assert len(hub) == 2 == len(list(hub.all()))
     assert hub.remove(a2) and hub.remove(a1b)
     assert hub.users() == [] and len(hub) == 0
-    assert hub.clients("a") == ()
+    assert hub.clients("a") == () and not hub.has("a")
 
 
 def test_cursor_buffer_keeps_maxima_and_restores() -> None:
